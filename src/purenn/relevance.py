@@ -1,0 +1,355 @@
+"""Circuit relevance as plain forward ops (PURE's "gradient" rule), batched over (sample, neuron) pairs.
+
+For a neuron ``k`` of a target layer L and an upstream layer U, PURE starts a backward pass at L
+with the initial gradient ``e_k * clamp(a_k, min=0)``, propagates it through the residual blocks
+between U and L, multiplies the result by ``a_U`` and sums over space::
+
+    R_i = sum_p a_U[i, p] * g_U[i, p],        r = R / (sum_i |R_i| + eps)
+
+Here the backward pass is written out with forward operations only (BatchNorm folded into the
+convolution weights, ``conv_transpose2d`` with the output padding taken from the forward shapes,
+ReLU masks, the residual and downsample paths, grouped convolutions), so it runs without autograd
+and traces into an ONNX graph. The first step from a one-hot channel is taken as the outer product
+(or single-channel transposed convolution) it is, never as a dense transposed convolution.
+
+Layout: a gradient tensor has shape ``(N, G, C, H, W)``: ``G`` neurons (static, so exported graphs
+keep a dynamic batch axis) for each of ``N`` rows. Masks and upstream activations have shape
+``(N, G or 1, C, H, W)``. Gating uses ``N = batch, G = neurons`` with masks shared across neurons;
+fitting uses ``N = 1, G = pairs`` with masks gathered per pair. Both run :func:`segment_backward`,
+so centroids are fitted on exactly the function the gate evaluates.
+
+Example:
+    >>> import torch, torchvision
+    >>> model = torchvision.models.resnet18(num_classes=10).eval()
+    >>> r = circuit_relevance(model, torch.rand(2, 3, 64, 64), layer="layer4", neurons=[0, 5])
+    >>> r.shape
+    torch.Size([2, 2, 256])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .arch import Block, BlockRecord, ConvBN, ResNetSpec
+from .errors import ConfigError, DataError, LayerError
+
+__all__ = [
+    "EPS",
+    "DEFAULT_MAX_MEMORY",
+    "SegmentMasks",
+    "segment_backward",
+    "normalize_relevance",
+    "grid_relevance",
+    "pair_relevance",
+    "circuit_relevance",
+    "has_identity_path",
+]
+
+EPS = 1e-12
+DEFAULT_MAX_MEMORY = 512 * 2**20  # bytes of intermediate tensors per relevance chunk
+
+
+@dataclass(eq=False)
+class SegmentMasks:
+    """ReLU masks of one block, each shaped ``(N, G or 1, C, H, W)``, and the spatial sizes the
+    transposed convolutions must restore."""
+
+    acts: list[Tensor]
+    out: Tensor
+    in_hw: tuple[int, int]
+    act_hw: list[tuple[int, int]]
+
+
+def _hw(t: Tensor) -> tuple[int, int]:
+    return int(t.shape[-2]), int(t.shape[-1])
+
+
+def _conv_back(cb: ConvBN, g: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """Backward of conv+BN for a dense gradient ``(N, G, C_out, H, W)`` -> ``(N, G, C_in, H_in, W_in)``."""
+    conv = cb.conv
+    n_groups = g.shape[1]
+    x = g.reshape(-1, g.shape[2], g.shape[3], g.shape[4])
+    out = F.conv_transpose2d(
+        x,
+        cb.folded_weight(),
+        None,
+        conv.stride,
+        conv.padding,
+        cb.output_padding(in_hw, _hw(g)),
+        conv.groups,
+        conv.dilation,
+    )
+    return out.reshape(-1, n_groups, out.shape[1], out.shape[2], out.shape[3])
+
+
+def _onehot(neurons: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    return F.one_hot(neurons, channels).to(dtype)
+
+
+def _conv_back_onehot(cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[int, int]) -> Tensor:
+    """Backward of conv+BN for the one-hot gradient ``e_k * a_sel``: an outer product for a 1x1
+    convolution, a single-channel transposed convolution per neuron otherwise."""
+    conv = cb.conv
+    if conv.groups != 1:
+        dense = a_sel[:, :, None] * _onehot(neurons, conv.out_channels, a_sel.dtype)[None, :, :, None, None]
+        return _conv_back(cb, dense, in_hw)
+    w = cb.folded_weight()[neurons]  # (G, C_in, kh, kw)
+    if cb.is_pointwise:
+        return a_sel[:, :, None] * w[None, :, :, 0, 0, None, None]
+    n_groups = w.shape[0]
+    out = F.conv_transpose2d(
+        a_sel,
+        w,
+        None,
+        conv.stride,
+        conv.padding,
+        cb.output_padding(in_hw, _hw(a_sel)),
+        n_groups,
+        conv.dilation,
+    )
+    return out.reshape(-1, n_groups, w.shape[1], out.shape[2], out.shape[3])
+
+
+def segment_backward(
+    blocks: Sequence[Block], masks: Sequence[SegmentMasks], a_sel: Tensor, neurons: Tensor, a_up: Tensor
+) -> Tensor:
+    """Raw circuit relevance ``R`` of the upstream channels, shape ``(N, G, C_U)``.
+
+    Args:
+        blocks: the residual blocks from the upstream layer (exclusive) to the target (inclusive).
+        masks: one :class:`SegmentMasks` per block.
+        a_sel: ``(N, G, H, W)``, the selected neurons' activation maps at the target, clamped at 0.
+        neurons: ``(G,)`` channel index of each of the ``G`` neurons.
+        a_up: ``(N, G or 1, C_U, H_U, W_U)`` upstream activations.
+    """
+    g = None
+    last = len(blocks) - 1
+    for bi in range(last, -1, -1):
+        blk, m = blocks[bi], masks[bi]
+        n_main = len(blk.main)
+        top_in_hw = m.act_hw[-1]
+        if bi == last:
+            # gradient at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
+            gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+            if blk.downsample is None:
+                skip = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+            else:
+                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, m.in_hw)
+        else:
+            gs = g * m.out
+            gm = _conv_back(blk.main[-1], gs, top_in_hw)
+            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, m.in_hw)
+        for i in range(n_main - 2, -1, -1):
+            gm = gm * m.acts[i]
+            gm = _conv_back(blk.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
+        g = gm + skip
+    return (g * a_up).sum(dim=(-2, -1))
+
+
+def normalize_relevance(r: Tensor, neurons: Tensor | None = None, drop_self: bool = False, eps: float = EPS) -> Tensor:
+    """L1-normalise raw relevance over its last axis: ``r / (sum |r| + eps)``.
+
+    With ``drop_self``, the upstream channel with the neuron's own index (the one the identity skip
+    carries straight through) is zeroed first; ``neurons`` gives the index for each entry of the
+    second-to-last axis. An all-zero row stays all-zero (no NaN).
+    """
+    if drop_self:
+        if neurons is None:
+            raise ConfigError("drop_self=True needs the neuron indices.")
+        r = r * (1 - _onehot(neurons, r.shape[-1], r.dtype))
+    return r / (r.abs().sum(dim=-1, keepdim=True) + eps)
+
+
+def has_identity_path(blocks: Sequence[Block]) -> bool:
+    """True when an identity skip connects upstream channel k to target channel k."""
+    return all(b.downsample is None for b in blocks)
+
+
+def _grid_masks(recs: Sequence[BlockRecord], dtype: torch.dtype) -> list[SegmentMasks]:
+    return [
+        SegmentMasks(
+            acts=[(a > 0).to(dtype)[:, None] for a in r.acts],
+            out=(r.out > 0).to(dtype)[:, None],
+            in_hw=_hw(r.inp),
+            act_hw=[_hw(a) for a in r.acts],
+        )
+        for r in recs
+    ]
+
+
+def _pair_bytes(recs: Sequence[BlockRecord], a_up: Tensor) -> int:
+    """Bytes per (sample, neuron) pair: gathered masks plus a few gradient buffers."""
+    elems = [a_up[0].numel()]
+    for r in recs:
+        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in r.acts)]
+    return a_up.element_size() * (sum(elems) + 4 * max(elems))
+
+
+def _chunk(total_bytes_per_item: int, max_memory: int) -> int:
+    return max(1, int(max_memory // max(1, total_bytes_per_item)))
+
+
+def grid_relevance(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    neurons: Tensor,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Tensor:
+    """Raw relevance for every (sample, neuron) pair of a batch: ``(B, K, C_U)``.
+
+    Neurons are processed in chunks so that ``B * chunk`` pairs fit in ``max_memory`` bytes; the
+    chunk boundaries depend only on static sizes, so the loop unrolls in an exported graph.
+    """
+    masks = _grid_masks(recs, a_up.dtype)
+    a_up5 = a_up[:, None]
+    per_pair = _pair_bytes(recs, a_up) * max(1, int(a_up.shape[0]))
+    chunk = _chunk(per_pair, max_memory)
+    out = []
+    n = int(neurons.shape[0])
+    for s in range(0, n, chunk):
+        nk = neurons[s : s + chunk]
+        a_sel = a_target[:, nk].clamp(min=0)
+        out.append(segment_backward(blocks, masks, a_sel, nk, a_up5))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def pair_relevance(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    sample_idx: Tensor,
+    neuron_idx: Tensor,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Tensor:
+    """Raw relevance for arbitrary (sample, neuron) pairs of one batch: ``(P, C_U)``.
+
+    ``sample_idx`` indexes the batch dimension of ``a_up``/``a_target``/``recs``.
+    """
+    chunk = _chunk(_pair_bytes(recs, a_up), max_memory)
+    dtype = a_up.dtype
+    out = []
+    for s in range(0, int(sample_idx.shape[0]), chunk):
+        si, ni = sample_idx[s : s + chunk], neuron_idx[s : s + chunk]
+        masks = [
+            SegmentMasks(
+                acts=[(a[si] > 0).to(dtype)[None] for a in r.acts],
+                out=(r.out[si] > 0).to(dtype)[None],
+                in_hw=_hw(r.inp),
+                act_hw=[_hw(a) for a in r.acts],
+            )
+            for r in recs
+        ]
+        a_sel = a_target[si, ni].clamp(min=0)[None]
+        out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None])[0])
+    return torch.cat(out, dim=0)
+
+
+def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer: str) -> list[int]:
+    """Validate a neuron list: non-empty, integer, in range, no duplicates; returned sorted."""
+    if neurons is None:
+        return list(range(channels))
+    if isinstance(neurons, Tensor):
+        neurons = neurons.tolist()
+    if isinstance(neurons, (int, str)) or not isinstance(neurons, Sequence):
+        raise ConfigError(f"neurons for {layer!r} must be a list of channel indices, got {neurons!r}.")
+    if len(neurons) == 0:
+        raise ConfigError(f"the neuron list for {layer!r} is empty; pass at least one channel index or None for all.")
+    out = []
+    for n in neurons:
+        if isinstance(n, bool) or not isinstance(n, int):
+            try:
+                import numpy as np
+
+                if isinstance(n, np.integer):
+                    n = int(n)
+                else:
+                    raise TypeError
+            except TypeError:
+                raise ConfigError(f"neuron indices must be integers, got {n!r} for {layer!r}.") from None
+        if not 0 <= n < channels:
+            raise ConfigError(f"channel {n} is out of range for {layer!r}, which has channels 0..{channels - 1}.")
+        out.append(n)
+    if len(set(out)) != len(out):
+        raise ConfigError(f"the neuron list for {layer!r} has duplicates: {sorted(out)}.")
+    return sorted(out)
+
+
+def check_input(x: object, name: str = "x") -> Tensor:
+    """A 4-D floating-point image batch without NaN or inf, else a :class:`DataError`."""
+    if not isinstance(x, Tensor):
+        raise DataError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}.")
+    if x.ndim != 4:
+        raise DataError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise DataError(f"{name} must be a floating-point tensor, got dtype {x.dtype}.")
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{name} contains NaN or infinite values; clean or impute the inputs first.")
+    return x
+
+
+def circuit_relevance(
+    model: nn.Module,
+    x: Tensor,
+    layer: str = "layer4",
+    neurons: Sequence[int] | None = None,
+    upstream: str | None = None,
+    *,
+    skip_aware: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Tensor:
+    """Normalised circuit relevance ``(B, K, C_U)`` of neurons of ``layer`` on upstream channels.
+
+    Args:
+        model: a torchvision ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
+            for a purified layer its upstream and ``skip_aware`` setting are the defaults).
+        x: input batch ``(B, C, H, W)``.
+        layer: target layer, e.g. ``"layer4"`` or ``"layer3.1"``.
+        neurons: channel indices (sorted ascending in the output); ``None`` for all channels.
+        upstream: upstream layer; default: previous stage (for a stage) or block (for a block).
+        skip_aware: zero the upstream channel with the neuron's own index before normalising (the
+            quantity a skip-aware gate clusters); ``False`` gives PURE's relevance unchanged.
+        max_memory: bytes of intermediate tensors per chunk of (sample, neuron) pairs.
+
+    Returns:
+        ``r`` with ``r[b, j]`` the relevance vector of neuron ``sorted(neurons)[j]`` on sample ``b``.
+
+    Example:
+        >>> import torch, torchvision
+        >>> m = torchvision.models.resnet18(num_classes=3).eval()
+        >>> circuit_relevance(m, torch.rand(1, 3, 32, 32), "layer3.1", [1, 2]).shape
+        torch.Size([1, 2, 256])
+    """
+    if hasattr(model, "pure_layer") and hasattr(model, "base_model"):
+        pl = model.pure_layer(layer) if layer in model.layers else None
+        if pl is not None and upstream is None:
+            upstream = pl.upstream
+        model = model.base_model
+    spec = ResNetSpec(model)
+    x = check_input(x)
+    pos_l = spec.position(layer)
+    up_name = upstream if upstream is not None else spec.default_upstream(layer)
+    pos_u = spec.position(up_name)
+    if pos_u >= pos_l:
+        raise LayerError(f"upstream {up_name!r} is not before {layer!r}; pick an earlier stage or block output.")
+    if max_memory <= 0:
+        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory}.")
+    blocks = spec.segment(pos_u, pos_l)
+    idx = resolve_neurons(neurons, spec.channels(pos_l), layer)
+    if skip_aware and not has_identity_path(blocks):
+        raise ConfigError(
+            f"skip_aware=True needs an identity skip from {up_name!r} to {layer!r}, but a block in between "
+            "has a downsample path."
+        )
+    with torch.no_grad():
+        acts, recs = spec.run_until(x, {pos_u, pos_l}, set(range(pos_u + 1, pos_l + 1)))
+        nt = torch.tensor(idx, dtype=torch.long, device=x.device)
+        raw = grid_relevance(blocks, [recs[j] for j in range(pos_u + 1, pos_l + 1)], acts[pos_u], acts[pos_l], nt, max_memory)
+        return normalize_relevance(raw, nt, drop_self=skip_aware)
