@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "segment_backward",
     "normalize_relevance",
     "grid_relevance",
+    "iter_grid_relevance",
     "pair_relevance",
     "circuit_relevance",
     "has_identity_path",
@@ -194,6 +195,29 @@ def _chunk(total_bytes_per_item: int, max_memory: int) -> int:
     return max(1, int(max_memory // max(1, total_bytes_per_item)))
 
 
+def iter_grid_relevance(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    neurons: Tensor,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(start, stop, raw)`` with raw relevance ``(B, stop - start, C_U)`` for neuron chunks.
+
+    Chunks hold as many neurons as keep ``B * chunk`` pairs within ``max_memory`` bytes; the
+    boundaries depend only on static sizes, so the loop unrolls in an exported graph.
+    """
+    masks = _grid_masks(recs, a_up.dtype)
+    a_up5 = a_up[:, None]
+    chunk = _chunk(_pair_bytes(recs, a_up) * max(1, int(a_up.shape[0])), max_memory)
+    n = int(neurons.shape[0])
+    for s in range(0, n, chunk):
+        nk = neurons[s : s + chunk]
+        a_sel = a_target[:, nk].clamp(min=0)
+        yield s, min(n, s + chunk), segment_backward(blocks, masks, a_sel, nk, a_up5)
+
+
 def grid_relevance(
     blocks: Sequence[Block],
     recs: Sequence[BlockRecord],
@@ -202,21 +226,8 @@ def grid_relevance(
     neurons: Tensor,
     max_memory: int = DEFAULT_MAX_MEMORY,
 ) -> Tensor:
-    """Raw relevance for every (sample, neuron) pair of a batch: ``(B, K, C_U)``.
-
-    Neurons are processed in chunks so that ``B * chunk`` pairs fit in ``max_memory`` bytes; the
-    chunk boundaries depend only on static sizes, so the loop unrolls in an exported graph.
-    """
-    masks = _grid_masks(recs, a_up.dtype)
-    a_up5 = a_up[:, None]
-    per_pair = _pair_bytes(recs, a_up) * max(1, int(a_up.shape[0]))
-    chunk = _chunk(per_pair, max_memory)
-    out = []
-    n = int(neurons.shape[0])
-    for s in range(0, n, chunk):
-        nk = neurons[s : s + chunk]
-        a_sel = a_target[:, nk].clamp(min=0)
-        out.append(segment_backward(blocks, masks, a_sel, nk, a_up5))
+    """Raw relevance for every (sample, neuron) pair of a batch: ``(B, K, C_U)``."""
+    out = [r for _, _, r in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory)]
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 

@@ -1,0 +1,98 @@
+"""Reference collection: one streaming pass, a running top-n merge per neuron, all layers at once.
+
+For each requested layer the pass keeps, per channel, the ``n`` samples with the largest spatial
+maximum of the channel's activation map. Memory is ``O(n * channels)`` whatever the data size.
+
+Example:
+    >>> import torch, torchvision
+    >>> from purenn.arch import ResNetSpec
+    >>> from purenn.data import DataSource
+    >>> spec = ResNetSpec(torchvision.models.resnet18(num_classes=2).eval())
+    >>> refs = collect_references(spec, DataSource.from_data(torch.rand(12, 3, 32, 32)), {"layer4": 8}, 5)
+    >>> refs["layer4"].indices.shape
+    torch.Size([512, 5])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .arch import ResNetSpec
+from .data import DataSource
+from .errors import DataError
+
+__all__ = ["References", "TopK", "collect_references"]
+
+
+@dataclass
+class References:
+    """Top-``n`` reference samples of every channel of one layer, strongest first.
+
+    ``indices[c, j]`` is the data index of channel ``c``'s ``j``-th reference, ``values[c, j]`` the
+    spatial maximum of its activation there.
+    """
+
+    indices: Tensor
+    values: Tensor
+
+
+class TopK:
+    """Running top-``n`` over a stream of ``(B, C)`` score batches (larger is better)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.values: Tensor | None = None
+        self.indices: Tensor | None = None
+
+    def update(self, scores: Tensor, start: int) -> None:
+        idx = torch.arange(start, start + scores.shape[0], device=scores.device)[:, None].expand_as(scores)
+        if self.values is not None:
+            scores = torch.cat([self.values, scores])
+            idx = torch.cat([self.indices, idx])
+        k = min(self.n, scores.shape[0])
+        self.values, pos = torch.topk(scores, k, dim=0, sorted=True)
+        self.indices = torch.gather(idx, 0, pos)
+
+    def result(self) -> References:
+        return References(indices=self.indices.t().contiguous().cpu(), values=self.values.t().contiguous().cpu())
+
+
+def collect_references(
+    spec: ResNetSpec,
+    source: DataSource,
+    positions: dict[str, int],
+    n_refs: int,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> dict[str, References]:
+    """Stream the data once and return each layer's per-channel top-``n_refs`` samples.
+
+    The forward pass stops at the deepest requested layer.
+
+    Raises:
+        DataError: a batch has the wrong shape or contains NaN/inf.
+    """
+    tops = {name: TopK(n_refs) for name in positions}
+    wanted = set(positions.values())
+    bar = tqdm(total=len(source), desc="collect references", unit="img", disable=not progress, leave=False)
+    with torch.no_grad():
+        for start, x in source.batches():
+            if x.ndim != 4 or not x.is_floating_point():
+                raise DataError(
+                    f"samples {start}..{start + len(x) - 1} collate to {tuple(x.shape)} {x.dtype}; "
+                    "expected a float batch (B, C, H, W)."
+                )
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(f"samples {start}..{start + len(x) - 1} contain NaN or infinite values.")
+            x = x.to(device) if device is not None else x
+            acts, _ = spec.run_until(x, wanted)
+            for name, pos in positions.items():
+                tops[name].update(acts[pos].amax(dim=(-2, -1)), start)
+            bar.update(len(x))
+    bar.close()
+    return {name: top.result() for name, top in tops.items()}

@@ -1,0 +1,281 @@
+"""``purify_model``: validate, collect references, compute circuits, cluster, build the purified model.
+
+Everything is validated before any heavy work starts, and the caller's model is never modified
+(apart from being put in eval mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .arch import Block, ResNetSpec
+from .cluster import CircuitKMeans
+from .collect import References, collect_references
+from .data import DataSource
+from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
+from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, normalize_relevance, pair_relevance, resolve_neurons
+from .surgery import PureLayer, PurifiedModel
+
+__all__ = ["purify_model", "LayerPlan"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A validated request to purify one layer."""
+
+    layer: str
+    upstream: str
+    position: int
+    up_position: int
+    neurons: tuple[int, ...]
+    skip_aware: bool
+
+    def blocks(self, spec: ResNetSpec) -> tuple[Block, ...]:
+        return spec.segment(self.up_position, self.position)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
+    return int(value)
+
+
+def _plan_layers(
+    spec: ResNetSpec,
+    layers: Sequence[str],
+    neurons: Mapping[str, Sequence[int]] | None,
+    upstream: Mapping[str, str] | None,
+    skip_aware: bool | str,
+) -> list[LayerPlan]:
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, Sequence) or len(layers) == 0:
+        raise LayerError("layers must be a non-empty list of layer names such as ['layer4'].")
+    if skip_aware not in (True, False, "auto"):
+        raise ConfigError(f"skip_aware must be True, False or 'auto', got {skip_aware!r}.")
+    for mapping, what in ((neurons, "neurons"), (upstream, "upstream")):
+        if mapping is not None:
+            if not isinstance(mapping, Mapping):
+                raise ConfigError(f"{what} must be a dict {{layer: ...}} or None, got {type(mapping).__name__}.")
+            extra = sorted(set(mapping) - set(layers))
+            if extra:
+                raise LayerError(f"{what} names layers that are not being purified: {extra}; layers={list(layers)}.")
+    plans: list[LayerPlan] = []
+    seen: dict[int, str] = {}
+    for name in layers:
+        pos = spec.position(name)
+        if pos == 0:
+            raise LayerError("the stem ('maxpool') cannot be purified: it has no upstream residual block.")
+        if pos in seen:
+            raise LayerError(f"{name!r} and {seen[pos]!r} name the same layer output; purify it once.")
+        seen[pos] = name
+        up = (upstream or {}).get(name) or spec.default_upstream(name)
+        up_pos = spec.position(up)
+        if up_pos >= pos:
+            raise LayerError(
+                f"upstream {up!r} is not before {name!r}; choose an earlier stage or block output "
+                f"(default for {name!r}: {spec.default_upstream(name)!r})."
+            )
+        idx = resolve_neurons((neurons or {}).get(name), spec.channels(pos), name)
+        identity = has_identity_path(spec.segment(up_pos, pos))
+        if skip_aware is True and not identity:
+            raise ConfigError(f"skip_aware=True needs an identity skip from {up!r} to {name!r}; use 'auto' or False.")
+        plans.append(LayerPlan(name, up, pos, up_pos, tuple(idx), identity if skip_aware == "auto" else skip_aware))
+    return sorted(plans, key=lambda p: p.position)
+
+
+def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
+    with torch.no_grad():
+        ref, ours = model(x), spec.forward(x)
+    if ref.shape != ours.shape or not torch.allclose(ref, ours, rtol=1e-4, atol=1e-5):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward does not compute what a torchvision ResNet computes from its "
+            "modules (a customised forward?); purenn can only rewrite the standard forward pass."
+        )
+
+
+def _fit_circuits(
+    spec: ResNetSpec,
+    source: DataSource,
+    plans: list[LayerPlan],
+    refs: dict[str, References],
+    n_refs: int,
+    *,
+    batch_size: int,
+    device: torch.device | None,
+    max_memory: int,
+    progress: bool,
+) -> dict[str, Tensor]:
+    """Circuit features ``(K, n_refs, C_U)`` of each layer's neurons on their reference samples.
+
+    Each distinct reference sample is run forward once; all (sample, neuron) pairs of a chunk of
+    samples are then computed together.
+    """
+    ref_idx = {p.layer: refs[p.layer].indices[list(p.neurons)] for p in plans}  # (K, n)
+    all_ids = torch.unique(torch.cat([r.flatten() for r in ref_idx.values()]))
+    positions = {p.position for p in plans} | {p.up_position for p in plans}
+    record = {j for p in plans for j in range(p.up_position + 1, p.position + 1)}
+    # pair lists sorted by sample id
+    pairs = {}
+    for p in plans:
+        r = ref_idx[p.layer]
+        k, n = r.shape
+        nid = torch.arange(k)[:, None].expand(k, n).flatten()
+        sid = r.flatten()
+        order = torch.argsort(sid, stable=True)
+        pairs[p.layer] = (sid[order], nid[order], order)
+    bar = tqdm(total=len(all_ids), desc="circuit relevance", unit="img", disable=not progress, leave=False)
+    results: dict[str, list[tuple[Tensor, Tensor]]] = {p.layer: [] for p in plans}
+    with torch.no_grad():
+        for s in range(0, len(all_ids), batch_size):
+            ids = all_ids[s : s + batch_size]
+            x = source.fetch(ids)
+            x = x.to(device) if device is not None else x
+            acts, recs = spec.run_until(x, positions, record)
+            lo, hi = int(ids[0]), int(ids[-1])
+            for p in plans:
+                sid, nid, order = pairs[p.layer]
+                a = int(torch.searchsorted(sid, lo))
+                b = int(torch.searchsorted(sid, hi, right=True))
+                if a == b:
+                    continue
+                local = torch.searchsorted(ids, sid[a:b]).to(x.device)
+                neurons = torch.tensor(p.neurons, dtype=torch.long)[nid[a:b]].to(x.device)
+                r = pair_relevance(
+                    p.blocks(spec),
+                    [recs[j] for j in range(p.up_position + 1, p.position + 1)],
+                    acts[p.up_position],
+                    acts[p.position],
+                    local,
+                    neurons,
+                    max_memory,
+                )
+                r = normalize_relevance(r, neurons, drop_self=p.skip_aware)
+                results[p.layer].append((order[a:b], r.cpu()))
+            bar.update(len(ids))
+    bar.close()
+    out = {}
+    for p in plans:
+        order = torch.cat([o for o, _ in results[p.layer]])
+        vals = torch.cat([v for _, v in results[p.layer]])
+        flat = torch.empty_like(vals)
+        flat[order] = vals
+        out[p.layer] = flat.reshape(len(p.neurons), n_refs, -1)
+    return out
+
+
+def purify_model(
+    model: nn.Module,
+    layers: Sequence[str] = ("layer4",),
+    data: Any = None,
+    *,
+    n_refs: int = 100,
+    n_clusters: int = 2,
+    neurons: Mapping[str, Sequence[int]] | None = None,
+    upstream: Mapping[str, str] | None = None,
+    skip_aware: bool | str = "auto",
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> PurifiedModel:
+    """Split neurons of a trained ResNet into pure virtual neurons (PURE).
+
+    For each neuron of each layer: find its ``n_refs`` most activating samples in ``data``,
+    compute their circuit relevance on the upstream layer, cluster the circuits with k-means into
+    ``n_clusters`` centroids, and install a gate that routes the neuron's activation to the
+    virtual neuron of the nearest centroid.
+
+    Args:
+        model: a trained torchvision ResNet (any variant); it is put in eval mode, never modified.
+        layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
+        data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
+            one, or a Tensor ``(N, C, H, W)``.
+        n_refs: reference samples per neuron.
+        n_clusters: virtual neurons per purified neuron (2 <= n_clusters <= n_refs).
+        neurons: ``{layer: [channels]}`` to purify only those; default every channel.
+        upstream: ``{layer: upstream_layer}`` to override the default upstream (previous stage
+            output for a stage, previous block output for a block).
+        skip_aware: leave out the neuron's own upstream channel when clustering and gating.
+            ``"auto"`` (default) does so exactly when an identity skip carries that channel from the
+            upstream to the target layer (no downsample in between), where it otherwise dominates
+            the normalised circuit; ``False`` is PURE unchanged.
+        batch_size: samples per forward pass.
+        device: where to compute (default: the model's device).
+        progress: show progress bars.
+        seed: k-means seed; the same seed gives the same centroids and gates.
+        max_memory: bytes of intermediate tensors per relevance chunk.
+
+    Returns:
+        The :class:`PurifiedModel`.
+
+    Example:
+        >>> import torch, torchvision, purenn
+        >>> model = torchvision.models.resnet18(num_classes=4).eval()
+        >>> pm = purenn.purify_model(model, ["layer4"], torch.rand(16, 3, 32, 32), n_refs=4,
+        ...                          neurons={"layer4": [3, 7]}, progress=False)
+        >>> pm.gates(torch.rand(2, 3, 32, 32))["layer4"].shape
+        torch.Size([2, 2])
+    """
+    spec = ResNetSpec(model)
+    n_refs = _check_int("n_refs", n_refs, 1)
+    n_clusters = _check_int("n_clusters", n_clusters, 2)
+    if n_clusters > n_refs:
+        raise ConfigError(f"n_clusters={n_clusters} exceeds n_refs={n_refs}; each cluster needs reference samples.")
+    seed = _check_int("seed", seed, 0)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
+        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
+    if data is None:
+        raise DataError("purify_model needs data to find each neuron's reference samples.")
+    source = DataSource.from_data(data, batch_size)
+    if len(source) < n_refs:
+        raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.eval()
+    model.to(device)
+
+    probe = source.fetch(list(range(min(2, len(source))))).to(device)
+    if not bool(torch.isfinite(probe).all()):
+        raise DataError("the first samples contain NaN or infinite values.")
+    _check_forward(spec, model, probe)
+
+    refs = collect_references(
+        spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress
+    )
+    circuits = _fit_circuits(
+        spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
+        progress=progress,
+    )
+    dtype = next(model.parameters()).dtype
+    pure_layers = []
+    for p in plans:
+        km = CircuitKMeans(n_clusters, random_state=seed, progress=progress).fit(circuits[p.layer].numpy())
+        k = len(p.neurons)
+        pure_layers.append(
+            PureLayer(
+                layer=p.layer,
+                upstream=p.upstream,
+                channels=spec.channels(p.position),
+                neurons=list(p.neurons),
+                centroids=torch.as_tensor(km.centroids_, dtype=dtype),
+                n_clusters=[n_clusters] * k,
+                scores=torch.as_tensor(km.scores_, dtype=torch.float32),
+                ref_counts=torch.as_tensor(km.counts_),
+                ref_indices=refs[p.layer].indices[list(p.neurons)],
+                ref_clusters=torch.as_tensor(km.labels_),
+                skip_aware=p.skip_aware,
+            ).to(device)
+        )
+    return PurifiedModel(model, pure_layers, max_memory=int(max_memory))

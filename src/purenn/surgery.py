@@ -1,0 +1,416 @@
+"""Surgery: :class:`PureLayer` (relevance -> gate -> virtual neurons -> merge) and :class:`PurifiedModel`.
+
+The purified model wraps the original ResNet without changing it. Its forward pass replays the
+ResNet block by block (:class:`~purenn.arch.ResNetSpec`) and, after each purified layer, hands the
+activation to that layer's :class:`PureLayer`. A purified neuron ``k`` becomes virtual neurons
+``k.0 ... k.(c-1)``; for each input exactly one of them, the one whose centroid is nearest to the
+input's circuit relevance, carries ``a_k``. The merge adds the virtual neurons back into channel
+``k`` (weighted by the suppression mask), so with nothing suppressed the logits equal the original.
+
+Example:
+    >>> import torch, torchvision, purenn
+    >>> model = torchvision.models.resnet18(num_classes=3).eval()
+    >>> pm = purenn.purify_model(model, ["layer4"], torch.rand(24, 3, 32, 32), n_refs=6,
+    ...                          neurons={"layer4": [0, 1]}, progress=False)
+    >>> torch.equal(pm(torch.ones(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32)))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .arch import Block, BlockRecord, ResNetSpec
+from .errors import ConfigError, LayerError
+from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, normalize_relevance
+
+__all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
+
+POOLS = ("mean", "max", None)
+
+
+class VirtualNeuron(NamedTuple):
+    """One row of :attr:`PurifiedModel.virtual_neurons`.
+
+    ``index`` is the virtual index within the layer, ``channel`` the source channel, ``cluster``
+    the centroid it stands for (0 for an unsplit channel), ``n_refs`` the reference samples in
+    its cluster (0 for an unsplit channel), ``score`` the source neuron's polysemanticity score
+    (``None`` for an unsplit channel), ``suppressed`` whether it is switched off.
+    """
+
+    layer: str
+    index: int
+    channel: int
+    cluster: int
+    n_refs: int
+    score: float | None
+    suppressed: bool
+
+
+def _module_key(layer: str) -> str:
+    return layer.replace(".", "_")
+
+
+def _is_exporting() -> bool:
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+
+
+class PureLayer(nn.Module):
+    """Gate and virtual neurons of one purified layer.
+
+    Args:
+        layer: target layer name (``"layer4"``, ``"layer3.1"``).
+        upstream: upstream layer name.
+        channels: channels of the target layer.
+        neurons: purified channel indices, ascending.
+        centroids: ``(K, c_max, C_U)`` centroids; rows past a neuron's cluster count are ignored.
+        n_clusters: ``(K,)`` cluster count per neuron.
+        scores: ``(K,)`` polysemanticity scores.
+        ref_counts: ``(K, c_max)`` reference samples per cluster.
+        ref_indices: ``(K, n)`` data indices of each neuron's reference samples, strongest first.
+        ref_clusters: ``(K, n)`` cluster of each reference sample.
+        skip_aware: gate on relevance with the neuron's own upstream channel left out.
+        rule: relevance rule (only ``"gradient"``, PURE's).
+
+    Buffers saved in ``state_dict``: ``neurons``, ``centroids``, ``n_clusters``, ``scores``,
+    ``ref_counts``, ``ref_indices``, ``ref_clusters`` and ``merge_weight`` (one weight per virtual neuron: 1 on, 0 suppressed).
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: str,
+        upstream: str,
+        channels: int,
+        neurons: Sequence[int] | Tensor,
+        centroids: Tensor,
+        n_clusters: Sequence[int] | Tensor,
+        scores: Sequence[float] | Tensor,
+        ref_counts: Tensor,
+        ref_indices: Tensor | None = None,
+        ref_clusters: Tensor | None = None,
+        skip_aware: bool = False,
+        rule: str = "gradient",
+    ) -> None:
+        super().__init__()
+        if rule != "gradient":
+            raise ConfigError(f"unknown relevance rule {rule!r}; supported: 'gradient'.")
+        self.layer, self.upstream, self.channels = layer, upstream, int(channels)
+        self.skip_aware, self.rule = bool(skip_aware), rule
+        neurons = torch.as_tensor(neurons, dtype=torch.long)
+        n_clusters = torch.as_tensor(n_clusters, dtype=torch.long)
+        k, c_max = centroids.shape[:2]
+        if neurons.shape != (k,) or n_clusters.shape != (k,) or ref_counts.shape != (k, c_max):
+            raise ConfigError("neurons, n_clusters, ref_counts and centroids disagree on the number of neurons.")
+        if k and (neurons.min() < 0 or neurons.max() >= channels or not bool((neurons[1:] > neurons[:-1]).all())):
+            raise ConfigError("neurons must be unique channel indices in ascending order.")
+        self.register_buffer("neurons", neurons)
+        self.register_buffer("centroids", centroids.detach().clone())
+        self.register_buffer("n_clusters", n_clusters)
+        self.register_buffer("scores", torch.as_tensor(scores, dtype=torch.float32))
+        self.register_buffer("ref_counts", ref_counts.to(torch.long))
+        empty = torch.zeros(k, 0, dtype=torch.long)
+        ref_indices = empty if ref_indices is None else torch.as_tensor(ref_indices, dtype=torch.long)
+        ref_clusters = torch.zeros_like(ref_indices) if ref_clusters is None else torch.as_tensor(ref_clusters)
+        if ref_indices.shape[0] != k or ref_clusters.shape != ref_indices.shape:
+            raise ConfigError("ref_indices and ref_clusters must both have shape (neurons, n_refs).")
+        self.register_buffer("ref_indices", ref_indices)
+        self.register_buffer("ref_clusters", ref_clusters.to(torch.long))
+        self._build_tables()
+        self.register_buffer("merge_weight", torch.ones(self.n_virtual, dtype=centroids.dtype))
+
+    def _build_tables(self) -> None:
+        """Virtual-neuron index tables (derived, not saved)."""
+        c_max = self.centroids.shape[1]
+        count = torch.ones(self.channels, dtype=torch.long)
+        count[self.neurons] = self.n_clusters
+        kpos = torch.full((self.channels,), len(self.neurons), dtype=torch.long)
+        kpos[self.neurons] = torch.arange(len(self.neurons))
+        v_channel = torch.repeat_interleave(torch.arange(self.channels), count)
+        first = torch.cumsum(count, 0) - count
+        v_cluster = torch.arange(len(v_channel)) - first[v_channel]
+        pad = torch.full((self.channels, max(c_max, 1)), len(v_channel), dtype=torch.long)
+        for c in range(pad.shape[1]):
+            ok = c < count
+            pad[ok, c] = first[ok] + c
+        self.register_buffer("v_channel", v_channel, persistent=False)
+        self.register_buffer("v_cluster", v_cluster, persistent=False)
+        self.register_buffer("v_kpos", kpos[v_channel], persistent=False)
+        self.register_buffer("channel_slots", pad, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer!r}, upstream={self.upstream!r}, neurons={len(self.neurons)}/{self.channels}, "
+            f"virtual={self.n_virtual}, skip_aware={self.skip_aware}"
+        )
+
+    @property
+    def n_virtual(self) -> int:
+        return int(self.v_channel.shape[0])
+
+    def gated_neurons(self, subset_only: bool) -> Tensor:
+        """Positions (into ``neurons``) whose gate matters: all, or only those whose virtual
+        neurons have unequal merge weights (gates cannot change the merged output of the rest)."""
+        k = len(self.neurons)
+        if not subset_only:
+            return torch.arange(k, device=self.neurons.device)
+        w = self.merge_weight[self.channel_slots[self.neurons].clamp(max=self.n_virtual - 1)]
+        valid = torch.arange(w.shape[1], device=w.device)[None] < self.n_clusters[:, None]
+        w_valid = torch.where(valid, w, w[:, :1])
+        return torch.nonzero((w_valid != w_valid[:, :1]).any(dim=1)).flatten()
+
+    def compute_gates(
+        self,
+        blocks: Sequence[Block],
+        recs: Sequence[BlockRecord],
+        a_up: Tensor,
+        a_target: Tensor,
+        positions: Tensor | None = None,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+    ) -> Tensor:
+        """Nearest-centroid gate ``(B, K)`` (int64) of the neurons at ``positions`` (default all)."""
+        if positions is None:
+            neurons, centroids, n_cl = self.neurons, self.centroids, self.n_clusters
+        else:
+            neurons, centroids, n_cl = self.neurons[positions], self.centroids[positions], self.n_clusters[positions]
+        valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
+        out = []
+        for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory):
+            feat = normalize_relevance(raw, neurons[s:e], drop_self=self.skip_aware)
+            dist = ((feat[:, :, None, :] - centroids[None, s:e]) ** 2).sum(dim=-1)
+            dist = torch.where(valid[None, s:e], dist, torch.full_like(dist, float("inf")))
+            out.append(dist.argmin(dim=-1))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+    def selection(self, gates: Tensor) -> Tensor:
+        """``(B, V)`` weight of each virtual neuron: merge weight if its cluster is the gate, else 0."""
+        ext = torch.cat([gates, torch.zeros_like(gates[:, :1])], dim=1)
+        chosen = ext[:, self.v_kpos] == self.v_cluster[None]
+        return chosen.to(self.merge_weight.dtype) * self.merge_weight[None]
+
+    def merge(self, a: Tensor, gates: Tensor | None) -> Tensor:
+        """The merged activation the rest of the network sees: ``sum_c w_{k.c} * virtual_{k.c}``."""
+        if gates is None:
+            w = self.merge_weight[self.channel_slots[:, 0]][None]
+        else:
+            sel = self.selection(gates)
+            sel = torch.cat([sel, torch.zeros_like(sel[:, :1])], dim=1)
+            w = sel[:, self.channel_slots].sum(dim=-1)
+        return a * w.to(a.dtype)[:, :, None, None]
+
+    def features(self, a: Tensor, gates: Tensor, pool: str | None = "mean") -> Tensor:
+        """Pure features: ``(B, V)`` pooled (``"mean"``/``"max"``) or ``(B, V, H, W)`` maps (``None``)."""
+        sel = self.selection(gates).to(a.dtype)
+        if pool is None:
+            return a[:, self.v_channel] * sel[:, :, None, None]
+        pooled = a.mean(dim=(-2, -1)) if pool == "mean" else a.amax(dim=(-2, -1))
+        return pooled[:, self.v_channel] * sel
+
+
+class SuppressionHandle:
+    """Returned by :meth:`PurifiedModel.suppress`; ``remove()`` (or leaving a ``with`` block) puts the
+    previous merge weights back."""
+
+    def __init__(self, layer: PureLayer, indices: Tensor, previous: Tensor):
+        self._layer, self._indices, self._previous = layer, indices, previous
+
+    def remove(self) -> None:
+        with torch.no_grad():
+            self._layer.merge_weight[self._indices] = self._previous
+
+    def __enter__(self) -> SuppressionHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class PurifiedModel(nn.Module):
+    """A ResNet whose purified layers route each neuron's activation to one of its virtual neurons.
+
+    Build it with :func:`purenn.purify_model` (or :func:`purenn.load_purified`). ``pm(x)`` returns
+    the logits, equal to ``model(x)`` while nothing is suppressed. The model is inference-only.
+
+    Args:
+        base_model: the original ResNet (kept unchanged, in eval mode).
+        layers: the :class:`PureLayer` of each purified layer.
+        max_memory: bytes of intermediate tensors per relevance chunk when gating.
+    """
+
+    def __init__(
+        self, base_model: nn.Module, layers: Sequence[PureLayer], *, max_memory: int = DEFAULT_MAX_MEMORY
+    ) -> None:
+        super().__init__()
+        spec = ResNetSpec(base_model)
+        self.base_model = base_model.eval()
+        self.pure = nn.ModuleDict({_module_key(pl.layer): pl for pl in layers})
+        self.max_memory = int(max_memory)
+        self._spec = spec
+        self._plan: dict[int, tuple[PureLayer, int, tuple[Block, ...], range]] = {}
+        for pl in layers:
+            pos, up = spec.position(pl.layer), spec.position(pl.upstream)
+            if pos in self._plan:
+                raise LayerError(f"{pl.layer!r} and {self._plan[pos][0].layer!r} are the same layer output.")
+            if up >= pos:
+                raise LayerError(f"upstream {pl.upstream!r} is not before {pl.layer!r}.")
+            if spec.channels(pos) != pl.channels or spec.channels(up) != pl.centroids.shape[-1]:
+                raise LayerError(f"the PureLayer of {pl.layer!r} does not fit this model's channel counts.")
+            self._plan[pos] = (pl, up, spec.segment(up, pos), range(up + 1, pos + 1))
+        self.eval()
+
+    # ---------------------------------------------------------------- module behaviour
+    def train(self, mode: bool = True) -> PurifiedModel:
+        if mode:
+            raise ConfigError(
+                "PurifiedModel is inference-only: gates rely on eval-mode BatchNorm. Fine-tune the base model "
+                "(pm.unload()) and purify it again."
+            )
+        return super().train(False)
+
+    @property
+    def layers(self) -> list[str]:
+        """Purified layer names, in network order."""
+        return [self._plan[p][0].layer for p in sorted(self._plan)]
+
+    def pure_layer(self, layer: str) -> PureLayer:
+        """The :class:`PureLayer` of a purified layer."""
+        key = _module_key(layer) if isinstance(layer, str) else None
+        if key not in self.pure:
+            raise LayerError(f"{layer!r} is not purified; purified layers: {self.layers}.")
+        return self.pure[key]
+
+    # ---------------------------------------------------------------- forward
+    def _run(self, x: Tensor, *, all_gates: bool, pool: str | None | bool = False):
+        if not _is_exporting():
+            check_input(x)
+        spec = self._spec
+        plan = self._plan
+        todo: dict[int, Tensor] = {}
+        for pos, (pl, _, _, _) in plan.items():
+            sub = pl.gated_neurons(subset_only=not all_gates)
+            if all_gates or len(sub):
+                todo[pos] = sub
+        record = {j for pos in todo for j in plan[pos][3]}
+        keep = {plan[pos][1] for pos in todo}
+        acts: dict[int, Tensor] = {}
+        recs: dict[int, BlockRecord] = {}
+        gates: dict[str, Tensor] = {}
+        feats: dict[str, Tensor] = {}
+        h = spec.stem(x)
+        if 0 in keep:
+            acts[0] = h
+        for j, blk in enumerate(spec.blocks, start=1):
+            h, rec = spec.block_forward(blk, h, record=j in record)
+            if rec is not None:
+                recs[j] = rec
+            if j in plan:
+                pl, up, blocks, rng = plan[j]
+                g = None
+                if j in todo:
+                    with torch.no_grad():
+                        sub = todo[j]
+                        gs = pl.compute_gates(blocks, [recs[i] for i in rng], acts[up], h, None if all_gates else sub, self.max_memory)
+                    if all_gates:
+                        g = gs
+                    else:
+                        g = torch.zeros(h.shape[0], len(pl.neurons), dtype=torch.long, device=h.device)
+                        g[:, sub] = gs
+                    gates[pl.layer] = g
+                if pool is not False:
+                    feats[pl.layer] = pl.features(h, g, pool)
+                h = pl.merge(h, g)
+            if j in keep:
+                acts[j] = h
+        return spec.head(h), gates, feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits; equal to the original model's while no virtual neuron is suppressed."""
+        return self._run(x, all_gates=False)[0]
+
+    def gates(self, x: Tensor) -> dict[str, Tensor]:
+        """``{layer: (B, K) int64}``: the chosen cluster of every purified neuron, ascending channel order."""
+        return self._run(x, all_gates=True)[1]
+
+    def pure_features(self, x: Tensor, pool: str | None = "mean") -> dict[str, Tensor]:
+        """``{layer: (B, V)}`` pooled virtual-neuron activations (``pool="mean"`` or ``"max"``), or
+        ``(B, V, H, W)`` maps with ``pool=None``. Suppressed virtual neurons read 0.
+
+        Example:
+            >>> feats = pm.pure_features(x)            # doctest: +SKIP
+            >>> feats["layer4"].shape                  # doctest: +SKIP
+            torch.Size([8, 1024])
+        """
+        if pool not in POOLS:
+            raise ConfigError(f"pool must be one of {POOLS}, got {pool!r}.")
+        return self._run(x, all_gates=True, pool=pool)[2]
+
+    # ---------------------------------------------------------------- tables and suppression
+    @property
+    def virtual_neurons(self) -> list[VirtualNeuron]:
+        """One row per virtual neuron of every purified layer (see :class:`VirtualNeuron`)."""
+        rows = []
+        for name in self.layers:
+            pl = self.pure_layer(name)
+            kpos, clus, chan = pl.v_kpos.tolist(), pl.v_cluster.tolist(), pl.v_channel.tolist()
+            counts, scores, w = pl.ref_counts.tolist(), pl.scores.tolist(), pl.merge_weight.tolist()
+            k = len(pl.neurons)
+            for v in range(pl.n_virtual):
+                split = kpos[v] < k
+                rows.append(
+                    VirtualNeuron(
+                        layer=name,
+                        index=v,
+                        channel=chan[v],
+                        cluster=clus[v],
+                        n_refs=counts[kpos[v]][clus[v]] if split else 0,
+                        score=scores[kpos[v]] if split else None,
+                        suppressed=w[v] == 0,
+                    )
+                )
+        return rows
+
+    def virtual_index(self, layer: str, channel: int, cluster: int = 0) -> int:
+        """Virtual index of ``channel.cluster`` in ``layer``."""
+        pl = self.pure_layer(layer)
+        if not 0 <= channel < pl.channels:
+            raise ConfigError(f"channel {channel} is out of range for {layer!r} (0..{pl.channels - 1}).")
+        v = int(pl.channel_slots[channel, cluster]) if 0 <= cluster < pl.channel_slots.shape[1] else pl.n_virtual
+        if v >= pl.n_virtual:
+            raise ConfigError(f"channel {channel} of {layer!r} has no virtual neuron {channel}.{cluster}.")
+        return v
+
+    def suppress(self, layer: str, indices: Sequence[int]) -> SuppressionHandle:
+        """Switch off virtual neurons of ``layer`` (by virtual index): their merge weight becomes 0.
+
+        Kept by ``save`` and ``export_onnx``. Returns a handle whose ``remove()`` undoes exactly this
+        call; ``with pm.suppress(...):`` suppresses for the block only.
+        """
+        pl = self.pure_layer(layer)
+        if isinstance(indices, int):
+            indices = [indices]
+        idx = list(indices)
+        if not idx:
+            raise ConfigError("suppress() got an empty list of virtual indices.")
+        for i in idx:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < pl.n_virtual:
+                raise ConfigError(f"virtual index {i!r} is out of range for {layer!r} (0..{pl.n_virtual - 1}).")
+        t = torch.tensor(sorted(set(idx)), dtype=torch.long, device=pl.merge_weight.device)
+        handle = SuppressionHandle(pl, t, pl.merge_weight[t].clone())
+        with torch.no_grad():
+            pl.merge_weight[t] = 0
+        return handle
+
+    def restore(self, layer: str | None = None) -> None:
+        """Switch every virtual neuron of ``layer`` (default: of all layers) back on."""
+        names = self.layers if layer is None else [layer]
+        with torch.no_grad():
+            for name in names:
+                self.pure_layer(name).merge_weight.fill_(1)
+
+    def unload(self) -> nn.Module:
+        """The original model, untouched (its ``state_dict`` is bit-identical to before purification)."""
+        return self.base_model
