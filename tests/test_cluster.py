@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from purenn import CircuitKMeans
+from purenn.errors import ConfigError, NotFittedError
+
+
+def _planted(seed=0, n=30, d=6, sep=1.0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(0, 0.05, (n, d))
+    a[:, 0] += sep
+    b = rng.normal(0, 0.05, (n, d))
+    b[:, 1] += sep
+    one_blob = rng.normal(0, 0.05, (2 * n, d))
+    return np.stack([np.concatenate([a, b]), one_blob]), np.r_[np.zeros(n), np.ones(n)]
+
+
+def test_planted_split_is_found_and_scored():
+    x, truth = _planted()
+    km = CircuitKMeans(2, random_state=0).fit(x)
+    assert km.centroids_.shape == (2, 2, 6)
+    lab = km.labels_[0]
+    assert (lab == truth).all() or (lab == 1 - truth).all()
+    assert km.scores_[0] > 0.8 > 0.5 > km.scores_[1]
+    assert km.counts_[0].tolist() == [30, 30]
+    pred = km.predict(x.transpose(1, 0, 2))
+    np.testing.assert_array_equal(pred.T, km.labels_)
+
+
+def test_same_seed_same_result():
+    x, _ = _planted(seed=3)
+    a = CircuitKMeans(3, random_state=7).fit(x)
+    b = CircuitKMeans(3, random_state=7).fit(x)
+    np.testing.assert_array_equal(a.centroids_, b.centroids_)
+
+
+def test_identical_points_score_zero():
+    x = np.zeros((1, 10, 4))
+    km = CircuitKMeans(2).fit(x)
+    assert km.scores_[0] == 0 and np.isfinite(km.centroids_).all()
+
+
+def test_errors():
+    with pytest.raises(NotFittedError):
+        CircuitKMeans().predict(np.zeros((1, 1, 2)))
+    with pytest.raises(ConfigError, match="n_clusters"):
+        CircuitKMeans(1).fit(np.zeros((1, 5, 2)))
+    with pytest.raises(ConfigError, match="exceeds"):
+        CircuitKMeans(6).fit(np.zeros((1, 5, 2)))
+    with pytest.raises(ConfigError, match="shape"):
+        CircuitKMeans(2).fit(np.zeros((5, 2)))
