@@ -142,6 +142,29 @@ class PureLayer(nn.Module):
         self.register_buffer("v_kpos", kpos[v_channel], persistent=False)
         self.register_buffer("channel_slots", pad, persistent=False)
 
+    #: constructor arguments that are plain values (the rest are the saved buffers)
+    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule")
+    #: buffers saved in ``state_dict`` and given to the constructor by name
+    TENSOR_KEYS = ("neurons", "centroids", "n_clusters", "scores", "ref_counts", "ref_indices", "ref_clusters")
+
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (everything except the tensors)."""
+        return {key: getattr(self, key) for key in self.CONFIG_KEYS}
+
+    @classmethod
+    def from_config(cls, config: dict, tensors: dict[str, Tensor]) -> PureLayer:
+        """Rebuild from :meth:`config` and the tensors of ``state_dict`` (``merge_weight`` optional)."""
+        layer = cls(**{k: config[k] for k in cls.CONFIG_KEYS}, **{k: tensors[k] for k in cls.TENSOR_KEYS})
+        if "merge_weight" in tensors:
+            w = tensors["merge_weight"]
+            if w.shape != layer.merge_weight.shape:
+                raise ConfigError(
+                    f"merge_weight of {config['layer']!r} has shape {tuple(w.shape)}, expected {tuple(layer.merge_weight.shape)}."
+                )
+            with torch.no_grad():
+                layer.merge_weight.copy_(w)
+        return layer
+
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer!r}, upstream={self.upstream!r}, neurons={len(self.neurons)}/{self.channels}, "
