@@ -1,11 +1,12 @@
 import pytest
 import torch
 import torchvision
-from conftest import BUILDERS, adapted_stem_resnet, tiny_resnet
 from torch import nn
 
 from purenn import ResNetSpec, UnsupportedModelError
 from purenn.errors import LayerError
+
+from conftest import BUILDERS, adapted_stem_resnet, tiny_resnet
 
 
 @pytest.mark.parametrize("name", BUILDERS)

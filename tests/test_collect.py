@@ -1,9 +1,10 @@
 import torch
-from conftest import tiny_resnet
 
 from purenn.arch import ResNetSpec
 from purenn.collect import TopK, collect_references
 from purenn.data import DataSource
+
+from conftest import tiny_resnet
 
 
 def test_running_topk_equals_global_topk():

@@ -1,9 +1,10 @@
 import pytest
 import torch
-from conftest import adapted_stem_resnet, autograd_relevance, make_model, tiny_resnet, zennit_relevance
 
 from purenn import circuit_relevance
 from purenn.errors import ConfigError, DataError, LayerError
+
+from conftest import adapted_stem_resnet, autograd_relevance, make_model, tiny_resnet, zennit_relevance
 
 # (model, layer, upstream, what it covers)
 CASES = [

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from conftest import adapted_stem_resnet, autograd_relevance, make_model, tiny_resnet
 
 import purenn
 from purenn import circuit_relevance
 from purenn.errors import ConfigError, LayerError
+
+from conftest import adapted_stem_resnet, autograd_relevance, make_model, tiny_resnet
 
 
 def _data(n, c=3, h=32, w=32, seed=0, dtype=torch.float32):

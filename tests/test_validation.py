@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torchvision
-from conftest import tiny_resnet
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import purenn
 from purenn.errors import ConfigError, DataError, LayerError, PurennError, UnsupportedModelError
+
+from conftest import tiny_resnet
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,9 @@ def _check_conv(conv: nn.Module, where: str) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise UnsupportedModelError(f"{where} is a {type(conv).__name__}, expected nn.Conv2d.")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        raise UnsupportedModelError(f"{where} uses padding {conv.padding!r}/{conv.padding_mode!r}; only numeric zero padding is supported.")
+        raise UnsupportedModelError(
+            f"{where} uses padding {conv.padding!r}/{conv.padding_mode!r}; only numeric zero padding is supported."
+        )
 
 
 def _parse_block(name: str, module: nn.Module) -> Block:
@@ -281,20 +283,27 @@ class ResNetSpec:
         return self.head(h)
 
     def run_until(
-        self, x: Tensor, positions: set[int], record_blocks: set[int] | frozenset[int] = frozenset()
+        self,
+        x: Tensor,
+        positions: set[int],
+        record_blocks: set[int] | frozenset[int] = frozenset(),
+        *,
+        start: int | None = None,
     ) -> tuple[dict[int, Tensor], dict[int, BlockRecord]]:
         """Run up to the deepest requested position.
 
         Returns the activations at ``positions`` and the records of the blocks (1-based
-        positions) in ``record_blocks``.
+        positions) in ``record_blocks``. With ``start=j``, ``x`` is the activation at position
+        ``j`` and the run begins there instead of at the input image.
         """
         last = max(positions | set(record_blocks)) if positions or record_blocks else 0
         acts: dict[int, Tensor] = {}
         recs: dict[int, BlockRecord] = {}
-        h = self.stem(x)
-        if 0 in positions:
-            acts[0] = h
-        for j in range(1, last + 1):
+        first = 0 if start is None else start
+        h = self.stem(x) if start is None else x
+        if first in positions:
+            acts[first] = h
+        for j in range(first + 1, last + 1):
             h, rec = self.block_forward(self.blocks[j - 1], h, record=j in record_blocks)
             if rec is not None:
                 recs[j] = rec

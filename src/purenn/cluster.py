@@ -6,7 +6,8 @@
 Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
-    >>> r = np.concatenate([rng.normal(0, .1, (1, 20, 4)) + [1, 0, 0, 0], rng.normal(0, .1, (1, 20, 4)) + [0, 1, 0, 0]], 1)
+    >>> a, b = rng.normal(0, .1, (1, 20, 4)), rng.normal(0, .1, (1, 20, 4))
+    >>> r = np.concatenate([a + [1, 0, 0, 0], b + [0, 1, 0, 0]], axis=1)
     >>> km = CircuitKMeans(n_clusters=2, random_state=0).fit(r)
     >>> km.centroids_.shape, bool(km.scores_[0] > 0.5)
     ((1, 2, 4), True)
@@ -31,50 +32,119 @@ class CircuitKMeans:
     """k-means on the reference circuits of each neuron.
 
     Args:
-        n_clusters: virtual neurons per neuron (>= 2).
+        n_clusters: virtual neurons per neuron (>= 2), or ``"auto"``: per neuron, the count ``c`` in
+            ``2..max_clusters`` whose silhouette most exceeds the silhouette of the same k-means on
+            a Gaussian sample with the references' mean and covariance (a unimodal null, so the
+            criterion does not depend on the dimension), or 1 (leave the neuron unsplit) when that
+            excess is below ``min_gap``.
+        max_clusters: largest count ``"auto"`` considers.
+        min_gap: silhouette excess over the null a split needs under ``"auto"``.
         n_init: k-means restarts (scikit-learn's ``n_init``).
         random_state: seed; the same seed gives the same centroids.
         progress: show a progress bar over neurons.
 
     Attributes:
-        centroids_: ``(K, n_clusters, D)`` float64 cluster centres per neuron.
+        centroids_: ``(K, c_max, D)`` float64 cluster centres per neuron (``c_max`` the largest
+            count; rows past a neuron's count are zero).
+        n_clusters_: ``(K,)`` clusters per neuron.
         labels_: ``(K, n)`` cluster of each reference.
-        counts_: ``(K, n_clusters)`` references per cluster.
-        scores_: ``(K,)`` polysemanticity score: the silhouette of the split (0 when the references
-            do not separate, e.g. a dead neuron whose circuits are all zero).
+        counts_: ``(K, c_max)`` references per cluster.
+        scores_: ``(K,)`` polysemanticity score: the silhouette of the split (of the chosen count
+            under ``"auto"``; 0 when the references do not separate, e.g. a dead neuron whose
+            circuits are all zero).
+        gaps_: ``(K,)`` under ``"auto"``: the silhouette excess over the null of the chosen count.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> blobs = np.concatenate([rng.normal(0, .05, (1, 15, 3)) + np.eye(3)[i] for i in range(3)], 1)
+        >>> km = CircuitKMeans("auto", max_clusters=4).fit(np.concatenate([blobs, rng.normal(0, .05, (1, 45, 3))]))
+        >>> km.n_clusters_.tolist()
+        [3, 1]
     """
 
-    def __init__(self, n_clusters: int = 2, *, n_init: int = 10, random_state: int = 0, progress: bool = False):
+    def __init__(
+        self,
+        n_clusters: int | str = 2,
+        *,
+        max_clusters: int = 4,
+        min_gap: float = 0.05,
+        n_init: int = 10,
+        random_state: int = 0,
+        progress: bool = False,
+    ):
         self.n_clusters = n_clusters
+        self.max_clusters = max_clusters
+        self.min_gap = min_gap
         self.n_init = n_init
         self.random_state = random_state
         self.progress = progress
+
+    def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """k-means with ``c`` clusters on ``(n, D)``: centres, labels, silhouette (0 if undefined)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            km = KMeans(n_clusters=c, n_init=self.n_init, random_state=self.random_state).fit(x)
+        n_labels = len(np.unique(km.labels_))
+        score = 0.0
+        if 2 <= n_labels <= len(x) - 1 and np.ptp(x, axis=0).max() > 0:
+            score = float(silhouette_score(x, km.labels_))
+        return km.cluster_centers_, km.labels_, score
+
+    def _null_sample(self, x: np.ndarray, i: int) -> np.ndarray:
+        """A Gaussian sample of the same size with the mean and covariance of ``x`` (``(n, D)``)."""
+        rng = np.random.default_rng([int(self.random_state), i])
+        mu = x.mean(axis=0, keepdims=True)
+        z = rng.standard_normal((len(x), len(x)))
+        return mu + z @ (x - mu) / np.sqrt(max(len(x) - 1, 1))
 
     def fit(self, circuits: np.ndarray) -> CircuitKMeans:
         """Fit on ``circuits`` of shape ``(K, n, D)``: ``n`` reference circuits for each of ``K`` neurons."""
         x = np.asarray(circuits, dtype=np.float64)
         if x.ndim != 3:
             raise ConfigError(f"circuits must have shape (neurons, references, features), got {x.shape}.")
-        c = self.n_clusters
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 2:
-            raise ConfigError(f"n_clusters must be an integer >= 2, got {c!r}.")
-        if c > x.shape[1]:
-            raise ConfigError(f"n_clusters={c} exceeds the {x.shape[1]} references per neuron.")
         k, n, d = x.shape
-        self.centroids_ = np.zeros((k, c, d))
-        self.labels_ = np.zeros((k, n), dtype=np.int64)
-        self.counts_ = np.zeros((k, c), dtype=np.int64)
-        self.scores_ = np.zeros(k)
+        c = self.n_clusters
+        if c == "auto":
+            m = self.max_clusters
+            if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 2:
+                raise ConfigError(f"max_clusters must be an integer >= 2, got {m!r}.")
+            if isinstance(self.min_gap, bool) or not isinstance(self.min_gap, (int, float)):
+                raise ConfigError(f"min_gap must be a number, got {self.min_gap!r}.")
+            if n < 3:
+                raise ConfigError(f"n_clusters='auto' needs at least 3 references per neuron, got {n}.")
+            candidates = list(range(2, min(int(m), n - 1) + 1))
+        else:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 2:
+                raise ConfigError(f"n_clusters must be an integer >= 2 or 'auto', got {c!r}.")
+            if c > n:
+                raise ConfigError(f"n_clusters={c} exceeds the {n} references per neuron.")
+            candidates = [int(c)]
+        fits = []
+        self.gaps_ = np.zeros(k)
         for i in tqdm(range(k), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                km = KMeans(n_clusters=c, n_init=self.n_init, random_state=self.random_state).fit(x[i])
-            self.centroids_[i] = km.cluster_centers_
-            self.labels_[i] = km.labels_
-            self.counts_[i] = np.bincount(km.labels_, minlength=c)
-            n_labels = len(np.unique(km.labels_))
-            if 2 <= n_labels <= n - 1 and np.ptp(x[i], axis=0).max() > 0:
-                self.scores_[i] = float(silhouette_score(x[i], km.labels_))
+            tries = [self._split(x[i], cc) for cc in candidates]
+            if c != "auto":
+                fits.append(tries[0])
+                continue
+            null = self._null_sample(x[i], i)
+            gaps = [t[2] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
+            best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
+            centres, labels, score = tries[best]
+            self.gaps_[i] = gaps[best]
+            if gaps[best] < self.min_gap:
+                centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(n, dtype=np.int64)
+            fits.append((centres, labels, score))
+        self.n_clusters_ = np.array([len(f[0]) for f in fits], dtype=np.int64).reshape(k)
+        c_max = int(self.n_clusters_.max()) if k else (candidates[0] if c != "auto" else 1)
+        self.centroids_ = np.zeros((k, c_max, d))
+        self.labels_ = np.zeros((k, n), dtype=np.int64)
+        self.counts_ = np.zeros((k, c_max), dtype=np.int64)
+        self.scores_ = np.zeros(k)
+        for i, (centres, labels, score) in enumerate(fits):
+            self.centroids_[i, : len(centres)] = centres
+            self.labels_[i] = labels
+            self.counts_[i] = np.bincount(labels, minlength=c_max)
+            self.scores_[i] = score
         return self
 
     def predict(self, circuits: np.ndarray) -> np.ndarray:
@@ -83,4 +153,5 @@ class CircuitKMeans:
             raise NotFittedError("CircuitKMeans is not fitted; call fit() first.")
         x = np.asarray(circuits, dtype=np.float64)
         d = ((x[:, :, None, :] - self.centroids_[None]) ** 2).sum(-1)
+        d[:, np.arange(self.centroids_.shape[1])[None] >= self.n_clusters_[:, None]] = np.inf
         return d.argmin(-1)

@@ -25,7 +25,7 @@ from .arch import ResNetSpec
 from .data import DataSource
 from .errors import DataError
 
-__all__ = ["References", "TopK", "collect_references"]
+__all__ = ["ActivationCache", "References", "TopK", "collect_references"]
 
 
 @dataclass
@@ -61,6 +61,59 @@ class TopK:
         return References(indices=self.indices.t().contiguous().cpu(), values=self.values.t().contiguous().cpu())
 
 
+class ActivationCache:
+    """Activations of the current reference candidates, kept during the streaming pass.
+
+    While the pass runs, every sample that is in some neuron's running top-``n`` keeps its
+    activation at each cached position; a sample that drops out of every top-``n`` is evicted.
+    Fitting then starts from these activations instead of running the network again. If the kept
+    activations would exceed ``max_bytes`` the cache gives up (``complete`` becomes ``False``) and
+    fitting recomputes the forward pass of the reference samples.
+    """
+
+    def __init__(self, positions: set[int], max_bytes: int):
+        self.positions = set(positions)
+        self.max_bytes = int(max_bytes)
+        self.complete = bool(self.positions) and self.max_bytes > 0
+        self._store: dict[int, dict[int, Tensor]] = {}
+        self._bytes = 0
+
+    def __contains__(self, sample: int) -> bool:
+        return sample in self._store
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, position: int, samples: list[int]) -> Tensor:
+        """Stacked activations ``(len(samples), C, H, W)`` at ``position``."""
+        return torch.stack([self._store[s][position] for s in samples])
+
+    def _drop(self) -> None:
+        self.complete = False
+        self._store.clear()
+        self._bytes = 0
+
+    def update(self, acts: dict[int, Tensor], start: int, members: Tensor) -> None:
+        if not self.complete:
+            return
+        keep = set(members.tolist())
+        for s in [s for s in self._store if s not in keep]:
+            self._bytes -= sum(t.numel() * t.element_size() for t in self._store.pop(s).values())
+        batch = next(iter(acts.values())).shape[0]
+        for b in range(batch):
+            s = start + b
+            if s in keep and s not in self._store:
+                entry = {p: acts[p][b].clone() for p in self.positions}
+                self._store[s] = entry
+                self._bytes += sum(t.numel() * t.element_size() for t in entry.values())
+        if self._bytes > self.max_bytes:
+            self._drop()
+
+
 def collect_references(
     spec: ResNetSpec,
     source: DataSource,
@@ -69,16 +122,19 @@ def collect_references(
     *,
     device: torch.device | str | None = None,
     progress: bool = False,
+    cache: ActivationCache | None = None,
+    channels: dict[str, list[int]] | None = None,
 ) -> dict[str, References]:
     """Stream the data once and return each layer's per-channel top-``n_refs`` samples.
 
-    The forward pass stops at the deepest requested layer.
+    The forward pass stops at the deepest requested layer. With ``cache``, the activations of
+    the current reference candidates of ``channels`` (default: all channels) are kept for fitting.
 
     Raises:
         DataError: a batch has the wrong shape or contains NaN/inf.
     """
     tops = {name: TopK(n_refs) for name in positions}
-    wanted = set(positions.values())
+    wanted = set(positions.values()) | (cache.positions if cache is not None else set())
     bar = tqdm(total=len(source), desc="collect references", unit="img", disable=not progress, leave=False)
     with torch.no_grad():
         for start, x in source.batches():
@@ -93,6 +149,13 @@ def collect_references(
             acts, _ = spec.run_until(x, wanted)
             for name, pos in positions.items():
                 tops[name].update(acts[pos].amax(dim=(-2, -1)), start)
+            if cache is not None and cache.complete:
+                parts = [
+                    (t.indices if channels is None or name not in channels else t.indices[:, channels[name]]).flatten()
+                    for name, t in tops.items()
+                ]
+                members = torch.unique(torch.cat(parts))
+                cache.update(acts, start, members.cpu())
             bar.update(len(x))
     bar.close()
     return {name: top.result() for name, top in tops.items()}

@@ -37,7 +37,9 @@ def _inputs(batch: Any) -> Tensor:
     elif isinstance(batch, dict):
         key = next((k for k in _DICT_KEYS if k in batch), None)
         if key is None:
-            raise DataError(f"cannot find the inputs in a dict batch with keys {sorted(batch)}; use one of {_DICT_KEYS}.")
+            raise DataError(
+                f"cannot find the inputs in a dict batch with keys {sorted(batch)}; use one of {_DICT_KEYS}."
+            )
         x = batch[key]
     else:
         x = batch

@@ -13,17 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .arch import Block, ResNetSpec
 from .cluster import CircuitKMeans
-from .collect import References, collect_references
+from .collect import ActivationCache, collect_references
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
-from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, normalize_relevance, pair_relevance, resolve_neurons
+from .fitting import fit_circuits
+from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel
 
-__all__ = ["purify_model", "LayerPlan"]
+__all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
+
+DEFAULT_CACHE_MEMORY = 1 << 30  # bytes of cached upstream activations during the streaming pass
 
 
 @dataclass(frozen=True)
@@ -101,76 +103,6 @@ def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
         )
 
 
-def _fit_circuits(
-    spec: ResNetSpec,
-    source: DataSource,
-    plans: list[LayerPlan],
-    refs: dict[str, References],
-    n_refs: int,
-    *,
-    batch_size: int,
-    device: torch.device | None,
-    max_memory: int,
-    progress: bool,
-) -> dict[str, Tensor]:
-    """Circuit features ``(K, n_refs, C_U)`` of each layer's neurons on their reference samples.
-
-    Each distinct reference sample is run forward once; all (sample, neuron) pairs of a chunk of
-    samples are then computed together.
-    """
-    ref_idx = {p.layer: refs[p.layer].indices[list(p.neurons)] for p in plans}  # (K, n)
-    all_ids = torch.unique(torch.cat([r.flatten() for r in ref_idx.values()]))
-    positions = {p.position for p in plans} | {p.up_position for p in plans}
-    record = {j for p in plans for j in range(p.up_position + 1, p.position + 1)}
-    # pair lists sorted by sample id
-    pairs = {}
-    for p in plans:
-        r = ref_idx[p.layer]
-        k, n = r.shape
-        nid = torch.arange(k)[:, None].expand(k, n).flatten()
-        sid = r.flatten()
-        order = torch.argsort(sid, stable=True)
-        pairs[p.layer] = (sid[order], nid[order], order)
-    bar = tqdm(total=len(all_ids), desc="circuit relevance", unit="img", disable=not progress, leave=False)
-    results: dict[str, list[tuple[Tensor, Tensor]]] = {p.layer: [] for p in plans}
-    with torch.no_grad():
-        for s in range(0, len(all_ids), batch_size):
-            ids = all_ids[s : s + batch_size]
-            x = source.fetch(ids)
-            x = x.to(device) if device is not None else x
-            acts, recs = spec.run_until(x, positions, record)
-            lo, hi = int(ids[0]), int(ids[-1])
-            for p in plans:
-                sid, nid, order = pairs[p.layer]
-                a = int(torch.searchsorted(sid, lo))
-                b = int(torch.searchsorted(sid, hi, right=True))
-                if a == b:
-                    continue
-                local = torch.searchsorted(ids, sid[a:b]).to(x.device)
-                neurons = torch.tensor(p.neurons, dtype=torch.long)[nid[a:b]].to(x.device)
-                r = pair_relevance(
-                    p.blocks(spec),
-                    [recs[j] for j in range(p.up_position + 1, p.position + 1)],
-                    acts[p.up_position],
-                    acts[p.position],
-                    local,
-                    neurons,
-                    max_memory,
-                )
-                r = normalize_relevance(r, neurons, drop_self=p.skip_aware)
-                results[p.layer].append((order[a:b], r.cpu()))
-            bar.update(len(ids))
-    bar.close()
-    out = {}
-    for p in plans:
-        order = torch.cat([o for o, _ in results[p.layer]])
-        vals = torch.cat([v for _, v in results[p.layer]])
-        flat = torch.empty_like(vals)
-        flat[order] = vals
-        out[p.layer] = flat.reshape(len(p.neurons), n_refs, -1)
-    return out
-
-
 def purify_model(
     model: nn.Module,
     layers: Sequence[str] = ("layer4",),
@@ -186,6 +118,7 @@ def purify_model(
     progress: bool = True,
     seed: int = 0,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    cache_memory: int = DEFAULT_CACHE_MEMORY,
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
 
@@ -213,6 +146,9 @@ def purify_model(
         progress: show progress bars.
         seed: k-means seed; the same seed gives the same centroids and gates.
         max_memory: bytes of intermediate tensors per relevance chunk.
+        cache_memory: bytes the streaming pass may spend keeping the upstream activations of the
+            reference candidates, so fitting need not run the network again (0 disables it; when
+            the candidates need more, fitting recomputes their forward pass instead).
 
     Returns:
         The :class:`PurifiedModel`.
@@ -231,6 +167,7 @@ def purify_model(
     if n_clusters > n_refs:
         raise ConfigError(f"n_clusters={n_clusters} exceeds n_refs={n_refs}; each cluster needs reference samples.")
     seed = _check_int("seed", seed, 0)
+    cache_memory = _check_int("cache_memory", cache_memory, 0)
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
         raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
     plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
@@ -251,12 +188,14 @@ def purify_model(
         raise DataError("the first samples contain NaN or infinite values.")
     _check_forward(spec, model, probe)
 
+    cache = ActivationCache({p.up_position for p in plans}, cache_memory)
     refs = collect_references(
-        spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress
+        spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
+        cache=cache, channels={p.layer: list(p.neurons) for p in plans},
     )
-    circuits = _fit_circuits(
+    circuits = fit_circuits(
         spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
-        progress=progress,
+        progress=progress, cache=cache,
     )
     dtype = next(model.parameters()).dtype
     pure_layers = []

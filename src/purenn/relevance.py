@@ -362,5 +362,6 @@ def circuit_relevance(
     with torch.no_grad():
         acts, recs = spec.run_until(x, {pos_u, pos_l}, set(range(pos_u + 1, pos_l + 1)))
         nt = torch.tensor(idx, dtype=torch.long, device=x.device)
-        raw = grid_relevance(blocks, [recs[j] for j in range(pos_u + 1, pos_l + 1)], acts[pos_u], acts[pos_l], nt, max_memory)
+        seg_recs = [recs[j] for j in range(pos_u + 1, pos_l + 1)]
+        raw = grid_relevance(blocks, seg_recs, acts[pos_u], acts[pos_l], nt, max_memory)
         return normalize_relevance(raw, nt, drop_self=skip_aware)

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .arch import Block, BlockRecord, ResNetSpec
 from .errors import ConfigError, LayerError
+from .gating import check_gate, gate_dim, gate_features, nearest_centroid
 from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, normalize_relevance
 
 __all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
@@ -74,10 +75,14 @@ class PureLayer(nn.Module):
         ref_indices: ``(K, n)`` data indices of each neuron's reference samples, strongest first.
         ref_clusters: ``(K, n)`` cluster of each reference sample.
         skip_aware: gate on relevance with the neuron's own upstream channel left out.
+        gate: what the gate compares with the centroids: ``"circuit"`` (PURE, the default) or a
+            forward-only baseline of :mod:`purenn.gating` (``"activation"``: the target layer's
+            pooled activations, PURE's evaluation baseline; ``"upstream"``; ``"map"``).
         rule: relevance rule (only ``"gradient"``, PURE's).
 
     Buffers saved in ``state_dict``: ``neurons``, ``centroids``, ``n_clusters``, ``scores``,
-    ``ref_counts``, ``ref_indices``, ``ref_clusters`` and ``merge_weight`` (one weight per virtual neuron: 1 on, 0 suppressed).
+    ``ref_counts``, ``ref_indices``, ``ref_clusters`` and ``merge_weight`` (one weight per virtual
+    neuron: 1 on, 0 suppressed).
     """
 
     def __init__(
@@ -95,10 +100,12 @@ class PureLayer(nn.Module):
         ref_clusters: Tensor | None = None,
         skip_aware: bool = False,
         rule: str = "gradient",
+        gate: str = "circuit",
     ) -> None:
         super().__init__()
         if rule != "gradient":
             raise ConfigError(f"unknown relevance rule {rule!r}; supported: 'gradient'.")
+        self.gate = check_gate(gate)
         self.layer, self.upstream, self.channels = layer, upstream, int(channels)
         self.skip_aware, self.rule = bool(skip_aware), rule
         neurons = torch.as_tensor(neurons, dtype=torch.long)
@@ -143,7 +150,7 @@ class PureLayer(nn.Module):
         self.register_buffer("channel_slots", pad, persistent=False)
 
     #: constructor arguments that are plain values (the rest are the saved buffers)
-    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule")
+    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule", "gate")
     #: buffers saved in ``state_dict`` and given to the constructor by name
     TENSOR_KEYS = ("neurons", "centroids", "n_clusters", "scores", "ref_counts", "ref_indices", "ref_clusters")
 
@@ -154,12 +161,14 @@ class PureLayer(nn.Module):
     @classmethod
     def from_config(cls, config: dict, tensors: dict[str, Tensor]) -> PureLayer:
         """Rebuild from :meth:`config` and the tensors of ``state_dict`` (``merge_weight`` optional)."""
-        layer = cls(**{k: config[k] for k in cls.CONFIG_KEYS}, **{k: tensors[k] for k in cls.TENSOR_KEYS})
+        plain = {k: config[k] for k in cls.CONFIG_KEYS if k != "gate"}
+        layer = cls(**plain, gate=config.get("gate", "circuit"), **{k: tensors[k] for k in cls.TENSOR_KEYS})
         if "merge_weight" in tensors:
             w = tensors["merge_weight"]
             if w.shape != layer.merge_weight.shape:
                 raise ConfigError(
-                    f"merge_weight of {config['layer']!r} has shape {tuple(w.shape)}, expected {tuple(layer.merge_weight.shape)}."
+                    f"merge_weight of {config['layer']!r} has shape {tuple(w.shape)}, "
+                    f"expected {tuple(layer.merge_weight.shape)}."
                 )
             with torch.no_grad():
                 layer.merge_weight.copy_(w)
@@ -168,7 +177,7 @@ class PureLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer!r}, upstream={self.upstream!r}, neurons={len(self.neurons)}/{self.channels}, "
-            f"virtual={self.n_virtual}, skip_aware={self.skip_aware}"
+            f"virtual={self.n_virtual}, skip_aware={self.skip_aware}, gate={self.gate!r}"
         )
 
     @property
@@ -176,11 +185,11 @@ class PureLayer(nn.Module):
         return int(self.v_channel.shape[0])
 
     def gated_neurons(self, subset_only: bool) -> Tensor:
-        """Positions (into ``neurons``) whose gate matters: all, or only those whose virtual
-        neurons have unequal merge weights (gates cannot change the merged output of the rest)."""
-        k = len(self.neurons)
+        """Positions (into ``neurons``) whose gate matters: all split neurons (a neuron left whole,
+        with one cluster, always gates to 0), or only those whose virtual neurons have unequal merge
+        weights (gates cannot change the merged output of the rest)."""
         if not subset_only:
-            return torch.arange(k, device=self.neurons.device)
+            return torch.nonzero(self.n_clusters > 1).flatten()
         w = self.merge_weight[self.channel_slots[self.neurons].clamp(max=self.n_virtual - 1)]
         valid = torch.arange(w.shape[1], device=w.device)[None] < self.n_clusters[:, None]
         w_valid = torch.where(valid, w, w[:, :1])
@@ -200,6 +209,8 @@ class PureLayer(nn.Module):
             neurons, centroids, n_cl = self.neurons, self.centroids, self.n_clusters
         else:
             neurons, centroids, n_cl = self.neurons[positions], self.centroids[positions], self.n_clusters[positions]
+        if self.gate != "circuit":
+            return nearest_centroid(gate_features(self.gate, a_up, a_target, neurons), centroids, n_cl)
         valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
         out = []
         for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory):
@@ -280,7 +291,8 @@ class PurifiedModel(nn.Module):
                 raise LayerError(f"{pl.layer!r} and {self._plan[pos][0].layer!r} are the same layer output.")
             if up >= pos:
                 raise LayerError(f"upstream {pl.upstream!r} is not before {pl.layer!r}.")
-            if spec.channels(pos) != pl.channels or spec.channels(up) != pl.centroids.shape[-1]:
+            dim = gate_dim(pl.gate, spec.channels(up), spec.channels(pos))
+            if spec.channels(pos) != pl.channels or (dim is not None and dim != pl.centroids.shape[-1]):
                 raise LayerError(f"the PureLayer of {pl.layer!r} does not fit this model's channel counts.")
             self._plan[pos] = (pl, up, spec.segment(up, pos), range(up + 1, pos + 1))
         self.eval()
@@ -307,17 +319,31 @@ class PurifiedModel(nn.Module):
         return self.pure[key]
 
     # ---------------------------------------------------------------- forward
-    def _run(self, x: Tensor, *, all_gates: bool, pool: str | None | bool = False):
+    def _run(
+        self,
+        x: Tensor,
+        *,
+        all_gates: bool,
+        pool: str | None | bool = False,
+        select: dict[str, Tensor] | None = None,
+    ):
         if not _is_exporting():
             check_input(x)
         spec = self._spec
         plan = self._plan
-        todo: dict[int, Tensor] = {}
+        # per layer: None = gate every neuron at once, else the positions (into pl.neurons) to gate
+        todo: dict[int, Tensor | None] = {}
         for pos, (pl, _, _, _) in plan.items():
-            sub = pl.gated_neurons(subset_only=not all_gates)
-            if all_gates or len(sub):
+            if select is not None and pl.layer in select:
+                todo[pos] = select[pl.layer]
+                continue
+            every = all_gates and select is None
+            sub = pl.gated_neurons(subset_only=not every)
+            if every and len(sub) == len(pl.neurons):
+                todo[pos] = None
+            elif every or len(sub):
                 todo[pos] = sub
-        record = {j for pos in todo for j in plan[pos][3]}
+        record = {j for pos in todo if plan[pos][0].gate == "circuit" for j in plan[pos][3]}
         keep = {plan[pos][1] for pos in todo}
         acts: dict[int, Tensor] = {}
         recs: dict[int, BlockRecord] = {}
@@ -334,15 +360,22 @@ class PurifiedModel(nn.Module):
                 pl, up, blocks, rng = plan[j]
                 g = None
                 if j in todo:
+                    sub = todo[j]
+                    seg = [recs[i] for i in rng] if pl.gate == "circuit" else []
                     with torch.no_grad():
-                        sub = todo[j]
-                        gs = pl.compute_gates(blocks, [recs[i] for i in rng], acts[up], h, None if all_gates else sub, self.max_memory)
-                    if all_gates:
+                        gs = None
+                        if sub is None or len(sub):
+                            gs = pl.compute_gates(blocks, seg, acts[up], h, sub, self.max_memory)
+                    if sub is None:
                         g = gs
                     else:
                         g = torch.zeros(h.shape[0], len(pl.neurons), dtype=torch.long, device=h.device)
-                        g[:, sub] = gs
-                    gates[pl.layer] = g
+                        if gs is not None:
+                            g[:, sub] = gs
+                    if select is None:
+                        gates[pl.layer] = g
+                    elif pl.layer in select:
+                        gates[pl.layer] = gs if gs is not None else g[:, :0]
                 if pool is not False:
                     feats[pl.layer] = pl.features(h, g, pool)
                 h = pl.merge(h, g)
@@ -354,9 +387,30 @@ class PurifiedModel(nn.Module):
         """Logits; equal to the original model's while no virtual neuron is suppressed."""
         return self._run(x, all_gates=False)[0]
 
-    def gates(self, x: Tensor) -> dict[str, Tensor]:
-        """``{layer: (B, K) int64}``: the chosen cluster of every purified neuron, ascending channel order."""
-        return self._run(x, all_gates=True)[1]
+    def gates(self, x: Tensor, neurons: Mapping[str, Sequence[int]] | None = None) -> dict[str, Tensor]:
+        """``{layer: (B, K) int64}``: the chosen cluster of every purified neuron, ascending channel order.
+
+        With ``neurons={layer: [channels]}`` only those purified channels of those layers are gated
+        (columns in the given order), which costs only their share of the relevance passes.
+
+        Example:
+            >>> pm.gates(x, neurons={"layer4": [7, 3]})["layer4"].shape    # doctest: +SKIP
+            torch.Size([8, 2])
+        """
+        if neurons is None:
+            return self._run(x, all_gates=True)[1]
+        if not isinstance(neurons, Mapping) or not neurons:
+            raise ConfigError(f"neurons must be a non-empty dict {{layer: [channels]}}, got {neurons!r}.")
+        select = {}
+        for layer, channels in neurons.items():
+            pl = self.pure_layer(layer)
+            pos = {int(c): i for i, c in enumerate(pl.neurons.tolist())}
+            chans = [channels] if isinstance(channels, int) else list(channels)
+            bad = [c for c in chans if isinstance(c, bool) or not isinstance(c, int) or c not in pos]
+            if bad or not chans:
+                raise ConfigError(f"channels {bad or chans} of {layer!r} are not purified channels.")
+            select[pl.layer] = torch.tensor([pos[c] for c in chans], dtype=torch.long, device=pl.neurons.device)
+        return self._run(x, all_gates=True, select=select)[1]
 
     def pure_features(self, x: Tensor, pool: str | None = "mean") -> dict[str, Tensor]:
         """``{layer: (B, V)}`` pooled virtual-neuron activations (``pool="mean"`` or ``"max"``), or
