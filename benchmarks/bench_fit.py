@@ -26,9 +26,10 @@ from torch import nn
 
 import purenn
 from purenn.arch import ResNetSpec
-from purenn.collect import collect_references
+from purenn.collect import ActivationCache, collect_references
 from purenn.data import DataSource
-from purenn.purify import _fit_circuits, _plan_layers
+from purenn.fitting import fit_circuits
+from purenn.purify import _plan_layers
 from purenn.relevance import DEFAULT_MAX_MEMORY
 
 
@@ -52,11 +53,10 @@ def reference_relevance(model, data, layer, upstream, neurons, ref_idx):
     for j, k in enumerate(neurons):
         store = {}
 
-        def keep_up(m, i, o):
-            o.retain_grad()
+        def keep_up(m, i, o, store=store):
             store["up"] = o
 
-        def keep_l(m, i, o):
+        def keep_l(m, i, o, store=store):
             store["l"] = o
 
         h1 = mods[upstream].register_forward_hook(keep_up)
@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-memory-mb", type=int, default=DEFAULT_MAX_MEMORY // 2**20)
+    p.add_argument("--cache-memory-mb", type=int, default=1024, help="0 disables the activation cache")
     p.add_argument("--skip-reference", action="store_true", help="time purenn only")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     p.add_argument("--json", default=None, help="write the results here")
@@ -103,13 +104,16 @@ def main(argv=None) -> dict:
     plans = _plan_layers(spec, [a.layer], {a.layer: neurons}, {a.layer: upstream}, False)
     source = DataSource.from_data(data, a.batch_size)
 
+    cache = ActivationCache({plans[0].up_position}, a.cache_memory_mb * 2**20)
     t0 = time.perf_counter()
-    refs = collect_references(spec, source, {a.layer: plans[0].position}, a.refs)
+    refs = collect_references(
+        spec, source, {a.layer: plans[0].position}, a.refs, cache=cache, channels={a.layer: neurons}
+    )
     t_collect = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ours = _fit_circuits(
+    ours = fit_circuits(
         spec, source, plans, refs, a.refs, batch_size=a.batch_size, device=None,
-        max_memory=a.max_memory_mb * 2**20, progress=False,
+        max_memory=a.max_memory_mb * 2**20, progress=False, cache=cache,
     )[a.layer]
     t_rel = time.perf_counter() - t0
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -117,13 +121,15 @@ def main(argv=None) -> dict:
     res = {
         "model": a.model, "layer": a.layer, "upstream": upstream, "neurons": a.neurons, "refs": a.refs,
         "size": a.size, "distinct_ref_samples": int(torch.unique(refs[a.layer].indices[neurons]).numel()),
-        "purenn_collect_s": round(t_collect, 3), "purenn_relevance_s": round(t_rel, 3),
+        "activation_cache_used": cache.complete, "purenn_collect_s": round(t_collect, 3),
+        "purenn_relevance_s": round(t_rel, 3),
         "peak_rss_mb": round(peak_rss_mb), "max_memory_mb": a.max_memory_mb, "torch_threads": torch.get_num_threads(),
     }
     t0 = time.perf_counter()
     pm = purenn.purify_model(
         model, [a.layer], data, n_refs=a.refs, neurons={a.layer: neurons}, upstream={a.layer: upstream},
         skip_aware=False, batch_size=a.batch_size, progress=False, max_memory=a.max_memory_mb * 2**20,
+        cache_memory=a.cache_memory_mb * 2**20,
     )
     res["purenn_total_fit_s"] = round(time.perf_counter() - t0, 3)
     assert len(pm.pure_layer(a.layer).neurons) == a.neurons

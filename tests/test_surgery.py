@@ -238,3 +238,21 @@ def test_bad_suppress_and_layer_queries(tiny_pm):
         pm.train()
     with pytest.raises(purenn.DataError, match="NaN"):
         pm(torch.full((1, 3, 32, 32), float("nan"), dtype=torch.float64))
+
+
+def test_overlapping_segments_gate_on_the_same_circuits():
+    model = tiny_resnet("bottleneck", dtype=torch.float64)
+    data = _data(30, seed=21, dtype=torch.float64)
+    pm = purenn.purify_model(
+        model, ["layer4.0", "layer4"], data, n_refs=6, progress=False,
+        neurons={"layer4.0": [0, 1, 2], "layer4": [3, 4, 5]},
+    )
+    x = _data(5, seed=22, dtype=torch.float64)
+    gates = pm.gates(x)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x), rtol=1e-12, atol=0)
+    for layer in ("layer4.0", "layer4"):
+        pl = pm.pure_layer(layer)
+        r = autograd_relevance(model, x, layer, pl.upstream, pl.neurons.tolist(), drop_self=pl.skip_aware).numpy()
+        expected = ((r[:, :, None, :] - pl.centroids.numpy()[None]) ** 2).sum(-1).argmin(-1)
+        np.testing.assert_array_equal(gates[layer].numpy(), expected)

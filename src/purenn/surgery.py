@@ -57,7 +57,8 @@ def _module_key(layer: str) -> str:
 
 
 def _is_exporting() -> bool:
-    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return bool(torch.jit.is_tracing() or compiling() or torch.onnx.is_in_onnx_export())
 
 
 class PureLayer(nn.Module):

@@ -1,0 +1,115 @@
+"""Gated inference cost: base model vs purified model with K gated neurons, against the FLOP bound.
+
+Gating neuron k costs one backward pass through the segment between the upstream and the target
+layer, and an input-gradient backward through a convolution has the FLOPs of its forward. So the
+FLOP-proportional estimate of the gating overhead is ``K x FLOPs(segment forward)`` per sample; in
+time, ``t_base x K x FLOPs(segment) / FLOPs(model)``. This script measures, in one run, the base
+model, the purified model computing logits + gates + pooled pure features for every purified
+neuron (``pm._run(x, all_gates=True, pool="mean")``), the counted FLOPs of both
+(torch.utils.flop_counter), and prints overhead / estimate. It also checks that the gates equal
+those of a chunk-per-neuron evaluation.
+
+    python benchmarks/bench_infer.py                     # resnet50, 112x112, batch 8, K = 8, 32, 128
+    python benchmarks/bench_infer.py --smoke             # seconds; used by CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import purenn
+from purenn.arch import ResNetSpec
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_fit import calibrated  # noqa: E402
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def timeit(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--layers", default="layer4,layer4.1")
+    p.add_argument("--k", default="8,32,128")
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.model, a.k, a.size, a.batch, a.repeat = "resnet18", "4", 48, 2, 1
+
+    model = calibrated(a.model, a.size)
+    spec = ResNetSpec(model)
+    data = torch.rand(24, 3, a.size, a.size, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        t_base = timeit(lambda: model(x), a.repeat)
+        f_model = flops(lambda: model(x))
+    rows = []
+    for layer in a.layers.split(","):
+        up = spec.default_upstream(layer)
+        pos, upos = spec.position(layer), spec.position(up)
+        acts, _ = spec.run_until(x, {upos})
+        blocks = spec.segment(upos, pos)
+
+        def segment(h=acts[upos], blocks=blocks):
+            for b in blocks:
+                h = b.module(h)
+            return h
+
+        with torch.no_grad():
+            f_seg = flops(segment)
+        for k in [int(v) for v in a.k.split(",")]:
+            pm = purenn.purify_model(
+                model, [layer], data, n_refs=4, neurons={layer: list(range(k))}, progress=False, cache_memory=0
+            )
+            with torch.no_grad():
+                run = lambda pm=pm: pm._run(x, all_gates=True, pool="mean")  # noqa: E731
+                t_pure = timeit(run, a.repeat)
+                f_pure = flops(run)
+                gates = pm.gates(x)[layer]
+                pm.max_memory = 1  # one neuron per chunk: the plain evaluation order
+                same = bool(torch.equal(gates, pm.gates(x)[layer]))
+            overhead = t_pure - t_base
+            estimate = t_base * k * f_seg / f_model
+            row = {
+                "model": a.model, "layer": layer, "upstream": up, "K": k, "batch": a.batch, "size": a.size,
+                "t_base_ms": round(1e3 * t_base, 1), "t_purified_ms": round(1e3 * t_pure, 1),
+                "overhead_over_flop_estimate": round(overhead / estimate, 3),
+                "gflops_model": round(f_model / 1e9, 2), "gflops_segment": round(f_seg / 1e9, 3),
+                "counted_overhead_flops_over_K_segment": round((f_pure - f_model) / (k * f_seg), 3),
+                "gates_equal_per_neuron_evaluation": same,
+            }
+            print(json.dumps(row))
+            rows.append(row)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
