@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -275,16 +276,9 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
         raise ConfigError(f"the neuron list for {layer!r} is empty; pass at least one channel index or None for all.")
     out = []
     for n in neurons:
-        if isinstance(n, bool) or not isinstance(n, int):
-            try:
-                import numpy as np
-
-                if isinstance(n, np.integer):
-                    n = int(n)
-                else:
-                    raise TypeError
-            except TypeError:
-                raise ConfigError(f"neuron indices must be integers, got {n!r} for {layer!r}.") from None
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ConfigError(f"neuron indices must be integers, got {n!r} for {layer!r}.")
+        n = int(n)
         if not 0 <= n < channels:
             raise ConfigError(f"channel {n} is out of range for {layer!r}, which has channels 0..{channels - 1}.")
         out.append(n)
