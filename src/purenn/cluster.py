@@ -21,6 +21,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, NotFittedError
@@ -97,6 +98,23 @@ class CircuitKMeans:
         z = rng.standard_normal((len(x), len(x)))
         return mu + z @ (x - mu) / np.sqrt(max(len(x) - 1, 1))
 
+    def _fit_all(self, x: np.ndarray, c: int | str, candidates: list[int]) -> list:
+        fits = []
+        for i in tqdm(range(len(x)), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
+            tries = [self._split(x[i], cc) for cc in candidates]
+            if c != "auto":
+                fits.append(tries[0])
+                continue
+            null = self._null_sample(x[i], i)
+            gaps = [t[2] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
+            best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
+            centres, labels, score = tries[best]
+            self.gaps_[i] = gaps[best]
+            if gaps[best] < self.min_gap:
+                centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(x.shape[1], dtype=np.int64)
+            fits.append((centres, labels, score))
+        return fits
+
     def fit(self, circuits: np.ndarray) -> CircuitKMeans:
         """Fit on ``circuits`` of shape ``(K, n, D)``: ``n`` reference circuits for each of ``K`` neurons."""
         x = np.asarray(circuits, dtype=np.float64)
@@ -119,21 +137,10 @@ class CircuitKMeans:
             if c > n:
                 raise ConfigError(f"n_clusters={c} exceeds the {n} references per neuron.")
             candidates = [int(c)]
-        fits = []
         self.gaps_ = np.zeros(k)
-        for i in tqdm(range(k), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
-            tries = [self._split(x[i], cc) for cc in candidates]
-            if c != "auto":
-                fits.append(tries[0])
-                continue
-            null = self._null_sample(x[i], i)
-            gaps = [t[2] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
-            best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
-            centres, labels, score = tries[best]
-            self.gaps_[i] = gaps[best]
-            if gaps[best] < self.min_gap:
-                centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(n, dtype=np.int64)
-            fits.append((centres, labels, score))
+        # many tiny problems: one BLAS/OpenMP thread is several times faster than a thread pool
+        with threadpool_limits(1):
+            fits = self._fit_all(x, c, candidates)
         self.n_clusters_ = np.array([len(f[0]) for f in fits], dtype=np.int64).reshape(k)
         c_max = int(self.n_clusters_.max()) if k else (candidates[0] if c != "auto" else 1)
         self.centroids_ = np.zeros((k, c_max, d))

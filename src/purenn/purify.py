@@ -20,6 +20,7 @@ from .collect import ActivationCache, collect_references
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
+from .gating import check_gate, fit_gate_features
 from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel
 
@@ -93,6 +94,31 @@ def _plan_layers(
     return sorted(plans, key=lambda p: p.position)
 
 
+def _split_neuron_request(
+    spec: ResNetSpec, layers: Sequence[str], neurons: Any
+) -> tuple[Any, dict[str, int]]:
+    """Separate ``neurons`` into explicit channel lists (for :func:`_plan_layers`) and top-N counts."""
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else []
+    if is_count(neurons):
+        lists, top = None, {name: int(neurons) for name in names}
+    elif isinstance(neurons, Mapping):
+        lists = {k: v for k, v in neurons.items() if not is_count(v)}
+        top = {k: int(v) for k, v in neurons.items() if is_count(v)}
+    else:
+        return neurons, {}
+    for name, n in top.items():
+        if name not in names:
+            raise LayerError(f"neurons names layers that are not being purified: [{name!r}]; layers={names}.")
+        channels = spec.channels(spec.position(name))
+        if not 1 <= n <= channels:
+            raise ConfigError(f"neurons={n} for {name!r} must be between 1 and its {channels} channels.")
+    return lists, top
+
+
 def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
     with torch.no_grad():
         ref, ours = model(x), spec.forward(x)
@@ -109,10 +135,12 @@ def purify_model(
     data: Any = None,
     *,
     n_refs: int = 100,
-    n_clusters: int = 2,
-    neurons: Mapping[str, Sequence[int]] | None = None,
+    n_clusters: int | str = 2,
+    neurons: int | Mapping[str, Sequence[int] | int] | None = None,
     upstream: Mapping[str, str] | None = None,
     skip_aware: bool | str = "auto",
+    max_clusters: int = 4,
+    gate: str = "circuit",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -133,14 +161,24 @@ def purify_model(
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.
         n_refs: reference samples per neuron.
-        n_clusters: virtual neurons per purified neuron (2 <= n_clusters <= n_refs).
-        neurons: ``{layer: [channels]}`` to purify only those; default every channel.
+        n_clusters: virtual neurons per purified neuron (2 <= n_clusters <= n_refs), or ``"auto"``:
+            per neuron, the count in ``2..max_clusters`` whose k-means split stands out most from a
+            unimodal null, or 1 (the neuron stays whole) when none does (see
+            :class:`~purenn.cluster.CircuitKMeans`).
+        neurons: ``{layer: [channels]}`` to purify only those; an integer ``N`` (for every layer, or
+            ``{layer: N}``) purifies the ``N`` most polysemantic neurons by the score (every
+            channel is fitted and scored first); default every channel.
         upstream: ``{layer: upstream_layer}`` to override the default upstream (previous stage
             output for a stage, previous block output for a block).
         skip_aware: leave out the neuron's own upstream channel when clustering and gating.
             ``"auto"`` (default) does so exactly when an identity skip carries that channel from the
             upstream to the target layer (no downsample in between), where it otherwise dominates
             the normalised circuit; ``False`` is PURE unchanged.
+        max_clusters: largest count ``n_clusters="auto"`` considers.
+        gate: ``"circuit"`` (PURE) or a forward-only baseline gate of :mod:`purenn.gating`:
+            ``"activation"`` (k-means on the target layer's spatially mean-pooled activation vector
+            over the references, PURE's evaluation baseline), ``"upstream"`` (the upstream layer's
+            pooled activations) or ``"map"`` (the neuron's own activation map).
         batch_size: samples per forward pass.
         device: where to compute (default: the model's device).
         progress: show progress bars.
@@ -163,13 +201,22 @@ def purify_model(
     """
     spec = ResNetSpec(model)
     n_refs = _check_int("n_refs", n_refs, 1)
-    n_clusters = _check_int("n_clusters", n_clusters, 2)
-    if n_clusters > n_refs:
-        raise ConfigError(f"n_clusters={n_clusters} exceeds n_refs={n_refs}; each cluster needs reference samples.")
+    max_clusters = _check_int("max_clusters", max_clusters, 2)
+    if n_clusters == "auto":
+        if n_refs < 3:
+            raise ConfigError(f"n_clusters='auto' needs n_refs >= 3, got {n_refs}.")
+    else:
+        n_clusters = _check_int("n_clusters", n_clusters, 2)
+        if n_clusters > n_refs:
+            raise ConfigError(
+                f"n_clusters={n_clusters} exceeds n_refs={n_refs}; each cluster needs reference samples."
+            )
+    gate = check_gate(gate)
     seed = _check_int("seed", seed, 0)
     cache_memory = _check_int("cache_memory", cache_memory, 0)
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
         raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    neurons, top = _split_neuron_request(spec, layers, neurons)
     plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
     if data is None:
         raise DataError("purify_model needs data to find each neuron's reference samples.")
@@ -193,28 +240,44 @@ def purify_model(
         spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
         cache=cache, channels={p.layer: list(p.neurons) for p in plans},
     )
-    circuits = fit_circuits(
-        spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
-        progress=progress, cache=cache,
-    )
+    if gate == "circuit":
+        features = fit_circuits(
+            spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
+            progress=progress, cache=cache,
+        )
+    else:
+        features = {
+            p.layer: fit_gate_features(
+                spec, source, gate, p.position, p.up_position, list(p.neurons), refs[p.layer],
+                batch_size=batch_size, device=device, progress=progress,
+            )
+            for p in plans
+        }
     dtype = next(model.parameters()).dtype
     pure_layers = []
     for p in plans:
-        km = CircuitKMeans(n_clusters, random_state=seed, progress=progress).fit(circuits[p.layer].numpy())
-        k = len(p.neurons)
+        km = CircuitKMeans(n_clusters, max_clusters=max_clusters, random_state=seed, progress=progress)
+        km.fit(features[p.layer].numpy())
+        keep = np.arange(len(p.neurons))
+        if p.layer in top:  # the N highest scores, ties to the lower channel, in channel order
+            keep = np.sort(np.argsort(-km.scores_, kind="stable")[: top[p.layer]])
+        counts = km.n_clusters_[keep]
+        c_max = int(counts.max())
+        chosen = [p.neurons[i] for i in keep]
         pure_layers.append(
             PureLayer(
                 layer=p.layer,
                 upstream=p.upstream,
                 channels=spec.channels(p.position),
-                neurons=list(p.neurons),
-                centroids=torch.as_tensor(km.centroids_, dtype=dtype),
-                n_clusters=[n_clusters] * k,
-                scores=torch.as_tensor(km.scores_, dtype=torch.float32),
-                ref_counts=torch.as_tensor(km.counts_),
-                ref_indices=refs[p.layer].indices[list(p.neurons)],
-                ref_clusters=torch.as_tensor(km.labels_),
-                skip_aware=p.skip_aware,
+                neurons=chosen,
+                centroids=torch.as_tensor(km.centroids_[keep, :c_max], dtype=dtype),
+                n_clusters=torch.as_tensor(counts),
+                scores=torch.as_tensor(km.scores_[keep], dtype=torch.float32),
+                ref_counts=torch.as_tensor(km.counts_[keep, :c_max]),
+                ref_indices=refs[p.layer].indices[chosen],
+                ref_clusters=torch.as_tensor(km.labels_[keep]),
+                skip_aware=p.skip_aware and gate == "circuit",
+                gate=gate,
             ).to(device)
         )
     return PurifiedModel(model, pure_layers, max_memory=int(max_memory))

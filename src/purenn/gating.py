@@ -1,0 +1,126 @@
+"""Gate signals: what a purified neuron's virtual neurons are chosen by.
+
+``"circuit"`` is PURE: the neuron's normalised circuit relevance on the upstream layer (computed
+by :mod:`purenn.relevance`, one backward pass through the segment per neuron). The others are
+baselines computed from forward activations only, so they cost nothing beyond the forward pass
+and export to ONNX as a few reductions and a nearest-centroid search:
+
+- ``"activation"``: the target layer's spatially mean-pooled activation vector (all of its
+  channels), the baseline of PURE's evaluation;
+- ``"upstream"``: the upstream layer's spatially mean-pooled activation vector;
+- ``"map"``: the neuron's own activation map, flattened (tied to the input resolution).
+
+Fitting and gating call the same :func:`gate_features`, so centroids are fitted on exactly what
+the gate evaluates.
+
+Example:
+    >>> import torch
+    >>> a_up, a_t = torch.rand(2, 8, 4, 4), torch.rand(2, 16, 2, 2)
+    >>> gate_features("activation", a_up, a_t, torch.tensor([3, 5])).shape
+    torch.Size([2, 16])
+    >>> gate_features("map", a_up, a_t, torch.tensor([3, 5])).shape
+    torch.Size([2, 2, 4])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .arch import ResNetSpec
+from .collect import References
+from .data import DataSource
+from .errors import ConfigError
+
+__all__ = ["GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim", "nearest_centroid",
+           "fit_gate_features"]
+
+GATES = ("circuit", "activation", "upstream", "map")
+ACTIVATION_GATES = GATES[1:]
+
+
+def check_gate(gate: object) -> str:
+    """Validate a gate name."""
+    if gate not in GATES:
+        raise ConfigError(f"gate must be one of {GATES}, got {gate!r}.")
+    return gate  # type: ignore[return-value]
+
+
+def gate_features(gate: str, a_up: Tensor, a_target: Tensor, neurons: Tensor) -> Tensor:
+    """Forward-only gate features: ``(B, D)`` shared by all neurons (``"activation"``,
+    ``"upstream"``) or ``(B, K, D)`` per neuron (``"map"``)."""
+    if gate == "activation":
+        return a_target.clamp(min=0).mean(dim=(-2, -1))
+    if gate == "upstream":
+        return a_up.clamp(min=0).mean(dim=(-2, -1))
+    if gate == "map":
+        return a_target[:, neurons].clamp(min=0).flatten(2)
+    raise ConfigError(f"gate {gate!r} has no forward-only features; supported: {ACTIVATION_GATES}.")
+
+
+def gate_dim(gate: str, up_channels: int, channels: int) -> int | None:
+    """Feature size of a gate (``None`` for ``"map"``, whose size is the target map's ``H*W``)."""
+    return {"circuit": up_channels, "upstream": up_channels, "activation": channels}.get(gate)
+
+
+def nearest_centroid(feat: Tensor, centroids: Tensor, n_clusters: Tensor) -> Tensor:
+    """``(B, K)`` index of the nearest valid centroid.
+
+    ``feat`` is ``(B, D)`` (shared) or ``(B, K, D)``; ``centroids`` ``(K, c_max, D)``; centroid rows
+    at or past a neuron's ``n_clusters`` are never chosen.
+    """
+    valid = torch.arange(centroids.shape[1], device=n_clusters.device)[None] < n_clusters[:, None]
+    if feat.ndim == 2:
+        cross = torch.einsum("bd,kcd->bkc", feat, centroids)
+        f2 = (feat * feat).sum(dim=-1)[:, None, None]
+    else:
+        cross = torch.einsum("bkd,kcd->bkc", feat, centroids)
+        f2 = (feat * feat).sum(dim=-1)[:, :, None]
+    dist = f2 - 2 * cross + (centroids * centroids).sum(dim=-1)[None]
+    dist = torch.where(valid[None], dist, torch.full_like(dist, float("inf")))
+    return dist.argmin(dim=-1)
+
+
+def fit_gate_features(
+    spec: ResNetSpec,
+    source: DataSource,
+    gate: str,
+    layer_position: int,
+    up_position: int,
+    neurons: list[int],
+    refs: References,
+    *,
+    batch_size: int,
+    device: torch.device | None,
+    progress: bool = False,
+) -> Tensor:
+    """Forward-only gate features ``(K, n_refs, D)`` of ``neurons`` on their reference samples.
+
+    Each distinct reference sample is run forward once.
+    """
+    ref_idx = refs.indices[neurons]  # (K, n)
+    ids, inv = torch.unique(ref_idx.flatten(), return_inverse=True)
+    inv = inv.reshape(ref_idx.shape)
+    nt = torch.tensor(neurons, dtype=torch.long)
+    out: Tensor | None = None
+    shared: list[Tensor] = []
+    bar = tqdm(total=len(ids), desc=f"{gate} features", unit="img", disable=not progress, leave=False)
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            x = source.fetch(ids[s : s + batch_size])
+            x = x.to(device) if device is not None else x
+            acts, _ = spec.run_until(x, {layer_position, up_position})
+            f = gate_features(gate, acts[up_position], acts[layer_position], nt.to(x.device)).cpu()
+            if f.ndim == 2:
+                shared.append(f)
+            else:
+                if out is None:
+                    out = torch.zeros(*ref_idx.shape, f.shape[-1], dtype=f.dtype)
+                kk, jj = torch.nonzero((inv >= s) & (inv < s + len(x)), as_tuple=True)
+                out[kk, jj] = f[inv[kk, jj] - s, kk]
+            bar.update(len(x))
+    bar.close()
+    if shared:
+        return torch.cat(shared)[inv]
+    return out
