@@ -1,0 +1,565 @@
+"""The ``purenn`` command: purify a ResNet, inspect, export, probe and draw the result.
+
+Run ``purenn --help`` or ``purenn <command> --help``. The same entry point is
+``python -m purenn``. :func:`main` returns the exit code instead of exiting, for use from Python.
+
+Exit codes: 0 success; 1 unexpected error (a bug: rerun with ``--traceback`` and report it);
+2 usage error (unknown option, missing or malformed argument); 3 bad input (missing or unreadable
+file, wrong architecture, unusable data, an option value purenn refuses, a failed ONNX
+verification); 4 an optional dependency is missing (the message names the ``pip install``);
+130 interrupted.
+
+Example:
+    >>> from purenn.cli import main
+    >>> main(["--version"])                                   # doctest: +SKIP
+    purenn 0.1.0
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .errors import PurennError
+from .loaders import ARCHITECTURES, InputError, LoadedData, load_checkpoint_model, load_data, torchvision_model
+
+__all__ = ["main", "build_parser", "EXIT_CODES"]
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_INPUT, EXIT_MISSING_DEPENDENCY, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_UNEXPECTED: "unexpected error (a bug: rerun with --traceback and report it)",
+    EXIT_USAGE: "usage error: unknown option, missing or malformed argument",
+    EXIT_INPUT: "bad input: missing or unreadable file, wrong architecture, unusable data, refused option value, "
+                "failed ONNX verification",
+    EXIT_MISSING_DEPENDENCY: "an optional dependency is missing (the message says what to pip install)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+_EXTRAS = {"matplotlib": "viz", "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx"}
+
+
+# ============================================================================================ inputs
+def _parse_blocks(text: str) -> tuple[int, ...]:
+    try:
+        blocks = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive integers such as 1,1,1,1, got {text!r}")
+    return blocks
+
+
+def _looks_like_path(text: str) -> bool:
+    return os.sep in text or "/" in text or Path(text).suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt") \
+        or Path(text).exists()
+
+
+def _load_purified(path: str) -> Any:
+    from .io import load_purified
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"model file {path!r} does not exist" + (" (it is a directory)." if p.is_dir() else "."))
+    if p.suffix == ".onnx":
+        raise InputError(f"{path!r} is an ONNX file; this command needs the purified .safetensors file.")
+    return load_purified(p)
+
+
+def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model to purify and a description of where it came from."""
+    source = args.model
+    if _looks_like_path(source):
+        if args.checkpoint or args.weights:
+            raise InputError(f"{source!r} is a file; --checkpoint/--weights go with an architecture name such as "
+                           "resnet18.")
+        p = Path(source)
+        if p.suffix != ".safetensors" and p.is_file():
+            raise InputError(f"{source!r} looks like a checkpoint: give the architecture first, e.g. "
+                           f"purenn purify resnet18 --checkpoint {source} --data ...")
+        try:
+            pm = _load_purified(source)
+        except PurennError as e:
+            if p.suffix == ".safetensors" and "not a purenn model" in str(e):
+                raise InputError(f"{source!r} holds plain weights, not a purenn model: purenn purify resnet18 "
+                               f"--checkpoint {source} --data ...") from None
+            raise
+        return pm.base_model, f"base model of {source}"
+    if source not in ARCHITECTURES:
+        raise InputError(f"unknown architecture or missing file {source!r}: give a torchvision ResNet name "
+                       f"({', '.join(ARCHITECTURES)}) or a purified .safetensors file.")
+    if args.weights:
+        if args.checkpoint:
+            raise InputError("use either --checkpoint or --weights, not both.")
+        return torchvision_model(source, args.weights), f"{source} with torchvision weights {args.weights}"
+    if not args.checkpoint:
+        raise InputError(f"{source} needs trained weights: --checkpoint model.pt|model.safetensors, or --weights "
+                         "DEFAULT for torchvision's pretrained weights.")
+    model = load_checkpoint_model(source, args.checkpoint, blocks=args.blocks, stem_stride=args.stem_stride)
+    return model, f"{source} from {args.checkpoint}"
+
+
+# ============================================================================================ data
+def _data_from_args(args: argparse.Namespace, in_channels: int) -> LoadedData:
+    return load_data(folder=args.data, fashion_mnist=args.fashion_mnist, split=args.split, in_channels=in_channels,
+                     image_size=args.image_size, limit=args.limit, mean=args.mean, std=args.std)
+
+
+# ============================================================================================ output
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+# ============================================================================================ commands
+def _parse_neurons(counts: list[str] | None, channels: list[str] | None, layers: list[str]) -> Any:
+    """``--neurons N|LAYER:N`` (the N most polysemantic) and ``--channels LAYER:C1,C2,...`` as purify_model's
+    ``neurons=`` argument."""
+    spec: dict[str, Any] = {}
+
+    def layer_of(value: str, text: str) -> str:
+        if text not in layers:
+            raise InputError(f"{value!r} names layer {text!r}, which is not among --layers {layers}.")
+        if text in spec:
+            raise InputError(f"layer {text!r} is given twice in --neurons/--channels.")
+        return text
+
+    for v in counts or []:
+        if v == "all":
+            continue
+        layer, sep, rest = v.rpartition(":")
+        if not rest.isdigit():
+            raise InputError(f"--neurons {v!r}: use N or LAYER:N (the N most polysemantic neurons), or all.")
+        for name in [layer] if sep else layers:
+            spec[layer_of(v, name)] = int(rest)
+    for v in channels or []:
+        layer, sep, rest = v.partition(":")
+        try:
+            chans = [int(c) for c in rest.split(",") if c.strip()]
+        except ValueError:
+            chans = []
+        if not sep or not chans:
+            raise InputError(f"--channels {v!r}: use LAYER:C1,C2,... such as layer4:0,5,7.")
+        spec[layer_of(v, layer)] = chans
+    return spec or None
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    from .arch import ResNetSpec
+    from .purify import purify_model
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise InputError(f"--out {args.out!r} must end in .safetensors.")
+    if out.is_dir() or not out.parent.exists():
+        raise InputError(f"cannot write {args.out!r}: " + ("it is a directory." if out.is_dir()
+                                                          else f"folder {str(out.parent)!r} does not exist."))
+    layers = [name for item in args.layers for name in item.split(",") if name]
+    neurons = _parse_neurons(args.neurons, args.channels, layers)
+    n_clusters = args.n_clusters if args.n_clusters == "auto" else int(args.n_clusters)
+    model, origin = _base_model(args)
+    spec = ResNetSpec(model)
+    for name in layers:
+        spec.default_upstream(name)  # unknown layer names fail here, before the data is read
+    in_ch = int(model.conv1.in_channels)
+    data = _data_from_args(args, in_ch)
+    _say(args, f"model: {origin}\ndata: {data.description}")
+    dataset: Any = data.dataset
+    if args.workers:
+        from torch.utils.data import DataLoader
+
+        dataset = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
+    pm = purify_model(
+        model, layers, dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
+        max_clusters=args.max_clusters, gate=args.gate, batch_size=args.batch_size, device=args.device,
+        progress=not args.quiet, seed=args.seed,
+    )
+    pm.to("cpu")
+    pm.save(out)
+    for name in pm.layers:
+        pl = pm.pure_layer(name)
+        split = int((pl.n_clusters > 1).sum())
+        print(f"{name}: {split} of {pl.channels} neurons split into {pl.n_virtual} virtual neurons "
+              f"(upstream {pl.upstream}, {len(pl.neurons)} fitted)")
+    print(f"saved {out}")
+    _say(args, f"next: purenn inspect {out}")
+    return EXIT_OK
+
+
+def _neuron_rows(pm: Any, top: int) -> list[dict[str, Any]]:
+    rows = []
+    for name in pm.layers:
+        pl = pm.pure_layer(name)
+        counts, w = pl.ref_counts.tolist(), pl.merge_weight.tolist()
+        for k, (ch, score, n_cl) in enumerate(zip(pl.neurons.tolist(), pl.scores.tolist(), pl.n_clusters.tolist())):
+            virtual = []
+            for c in range(n_cl):
+                v = int(pl.channel_slots[ch, c])
+                virtual.append({"name": f"{ch}.{c}", "index": v, "n_refs": counts[k][c], "suppressed": w[v] == 0})
+            rows.append({"layer": name, "channel": ch, "score": round(float(score), 4), "n_clusters": n_cl,
+                         "virtual": virtual})
+    rows.sort(key=lambda r: -r["score"])
+    return rows[:top]
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .io import read_config
+
+    pm = _load_purified(args.model)
+    config = read_config(args.model)
+    arch = config.get("architecture", {})
+    layers = []
+    for name in pm.layers:
+        pl = pm.pure_layer(name)
+        layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "skip_aware": pl.skip_aware,
+                       "channels": pl.channels, "fitted": len(pl.neurons), "split": int((pl.n_clusters > 1).sum()),
+                       "virtual": pl.n_virtual, "suppressed": int((pl.merge_weight == 0).sum())})
+    neurons = _neuron_rows(pm, args.top)
+    if args.json:
+        print(json.dumps({"file": args.model, "purenn_version": config.get("purenn_version"),
+                          "format_version": config.get("format_version"), "architecture": arch, "layers": layers,
+                          "top_neurons": neurons}, indent=2))
+        return EXIT_OK
+    stem = arch.get("stem") or {}
+    kernel = "x".join(map(str, stem.get("kernel_size", [])))
+    pool = "max-pool" if stem.get("maxpool") else "no max-pool"
+    print(f"file: {args.model}  (purenn {config.get('purenn_version')}, format {config.get('format_version')})")
+    print(f"base: {arch.get('builder') or 'custom ResNet'}: {arch.get('block')} blocks {arch.get('layers')}, "
+          f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
+          f"stride {(stem.get('stride') or ['?'])[0]} + {pool}")
+    print()
+    print(_table([[r["layer"], r["upstream"], r["gate"], "yes" if r["skip_aware"] else "no", r["channels"],
+                   r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
+                 ["layer", "upstream", "gate", "skip-aware", "channels", "fitted", "split", "virtual",
+                  "suppressed"]))
+    print()
+    print(f"most polysemantic neurons (top {len(neurons)} by score; virtual neuron: index, references):")
+    rows = [[r["layer"], r["channel"], f"{r['score']:.4f}", "  ".join(
+        f"{v['name']}=v{v['index']}:{v['n_refs']}{' (off)' if v['suppressed'] else ''}" for v in r["virtual"])]
+        for r in neurons]
+    print(_table(rows, ["layer", "channel", "score", "virtual neurons"]))
+    return EXIT_OK
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,224,224, got {text!r}")
+    return shape
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    out = Path(args.onnx)
+    if out.suffix != ".onnx":
+        raise InputError(f"the output {args.onnx!r} must end in .onnx.")
+    if out.is_dir() or not out.parent.exists():
+        raise InputError(f"cannot write {args.onnx!r}: " + ("it is a directory." if out.is_dir()
+                                                           else f"folder {str(out.parent)!r} does not exist."))
+    pm = _load_purified(args.model)
+    kwargs = {} if args.opset is None else {"opset": args.opset}
+    _say(args, f"exporting {args.model} -> {out} (input (batch, {', '.join(map(str, args.input_shape))}))")
+    report = export_onnx(pm, out, input_shape=args.input_shape, pool=None if args.pool == "none" else args.pool,
+                         verify=not args.no_verify, **kwargs)
+    print(report.summary())
+    print(f"outputs: {', '.join(report.outputs)}")
+    print(f"wrote {out}" + ("" if report.ok is None else " (verified with ONNX Runtime)"))
+    return EXIT_OK
+
+
+def _onnx_virtual_channels(session: Any, path: str, layer: str | None) -> tuple[str, list[int], tuple[int, ...]]:
+    """Layer, virtual-neuron source channels and input shape from an exported file's metadata."""
+    meta = session.get_modelmeta().custom_metadata_map.get("purenn")
+    if meta is None:
+        raise InputError(f"{path!r} has no purenn metadata; export it with purenn export / purenn.export_onnx.")
+    info = json.loads(meta)
+    by_layer = {e["layer"]: e for e in info["layers"]}
+    name = layer or info["layers"][-1]["layer"]
+    if name not in by_layer:
+        raise InputError(f"layer {name!r} is not purified in {path!r}; purified layers: {list(by_layer)}.")
+    return name, list(by_layer[name]["virtual_channels"]), tuple(info["input_shape"])
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from sklearn.model_selection import train_test_split
+
+    from .probe import compare_probes
+
+    if not 0 < args.test_fraction < 1:
+        raise InputError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}.")
+    path = Path(args.model)
+    virtual_channels = None
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise InputError(f"model file {args.model!r} does not exist.")
+        import onnxruntime as ort
+
+        try:
+            source: Any = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InputError(f"ONNX Runtime cannot load {args.model!r}: {e}") from None
+        layer, virtual_channels, shape = _onnx_virtual_channels(source, args.model, args.layer)
+        in_ch = shape[0]
+    else:
+        source = _load_purified(args.model)
+        layer = args.layer or source.layers[-1]
+        source.pure_layer(layer)
+        in_ch, shape = int(source.base_model.conv1.in_channels), None
+    data = _data_from_args(args, in_ch)
+    if shape is not None:
+        sample = tuple(data.dataset[0][0].shape)
+        if sample != shape:
+            raise InputError(f"the data gives inputs of shape {sample}, but {args.model!r} was exported for {shape}; "
+                           f"pass --image-size {shape[-1]}.")
+    labels = data.coarse if args.labels == "coarse" and data.coarse is not None else data.labels
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        train, test = train_test_split(idx, test_size=args.test_fraction, random_state=args.seed, stratify=stratify)
+    except ValueError as e:
+        raise InputError(f"cannot split {len(idx)} samples into train and test: {e}. Use more data.") from None
+    from torch.utils.data import Subset
+
+    _say(args, f"data: {data.description}; probing {layer} on {len(train)} train / {len(test)} test samples")
+    cmp = compare_probes(source, Subset(data.dataset, train.tolist()), labels[train],
+                         Subset(data.dataset, test.tolist()), labels[test], layer=layer,
+                         virtual_channels=virtual_channels)
+    result = {"layer": layer, "labels": args.labels if data.coarse is not None else "class",
+              "n_train": len(train), "n_test": len(test),
+              "original": {"accuracy": cmp.original.accuracy, "features": cmp.original.n_features},
+              "pure": {"accuracy": cmp.pure.accuracy, "features": cmp.pure.n_features}, "gain": cmp.gain}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    print(_table([["original channels", cmp.original.n_features, f"{cmp.original.accuracy:.4f}"],
+                  ["pure virtual neurons", cmp.pure.n_features, f"{cmp.pure.accuracy:.4f}"]],
+                 [f"{layer} features", "dims", "test accuracy"]))
+    print(f"gain: {cmp.gain:+.4f}")
+    return EXIT_OK
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .viz import save_neuron_figure
+
+    pm = _load_purified(args.model)
+    layer = args.layer or pm.layers[0]
+    pl = pm.pure_layer(layer)
+    if args.neuron is None:
+        split = (pl.n_clusters > 1).nonzero().flatten()
+        pick = split if len(split) else pl.n_clusters.new_tensor(range(len(pl.neurons)))
+        channel = int(pl.neurons[pick[int(pl.scores[pick].argmax())]])
+    else:
+        channel = args.neuron
+        if channel not in pl.neurons.tolist():
+            shown = ", ".join(map(str, pl.neurons.tolist()[:12])) + (", ..." if len(pl.neurons) > 12 else "")
+            raise InputError(f"--neuron {channel} is not a purified channel of {layer}; purified channels: {shown}.")
+    data = _data_from_args(args, int(pm.base_model.conv1.in_channels))
+    out = Path(args.out or f"{Path(args.model).stem}_{layer}_{channel}.png")
+    if not out.parent.exists():
+        raise InputError(f"cannot write {str(out)!r}: folder {str(out.parent)!r} does not exist.")
+    _say(args, f"data: {data.description}")
+    save_neuron_figure(pm, layer, channel, data.dataset, str(out), n_images=args.n_images,
+                       embedding=args.embedding, seed=args.seed, labels=data.labels, class_names=data.class_names,
+                       dpi=args.dpi)
+    print(f"wrote {out} ({layer} neuron {channel})")
+    return EXIT_OK
+
+
+# ============================================================================================ parser
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data (give --data or --fashion-mnist)")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (torchvision ImageFolder)")
+    src.add_argument("--fashion-mnist", nargs="?", const="", metavar="DIR",
+                     help="Fashion-MNIST IDX files (default: $PURENN_FASHION_MNIST or the Debian package)")
+    g.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
+    g.add_argument("--image-size", type=int, metavar="N", help="square input size (default 224 for folders, 28 "
+                   "for Fashion-MNIST)")
+    g.add_argument("--limit", type=int, metavar="N", help="use N samples (evenly spaced over a folder, the first N "
+                   "of Fashion-MNIST)")
+    g.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean per channel (folders; "
+                   "default ImageNet)")
+    g.add_argument("--std", type=float, nargs="+", metavar="S", help="normalisation std per channel (folders)")
+
+
+_EPILOG = "exit codes:\n" + "\n".join(f"  {code:<4} {text}" for code, text in EXIT_CODES.items())
+_DESCRIPTION = ("Split polysemantic ResNet neurons into pure virtual neurons (PURE), inspect them, export the model "
+                "to ONNX, probe its pure features and draw figures.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``purenn`` command."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"purenn {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("purify", help="purify a trained ResNet and save it", epilog=_EPILOG, formatter_class=fmt,
+                       description="Find each neuron's reference samples, cluster their circuits and save the "
+                       "purified model.\n\n  purenn purify resnet18 --checkpoint model.pt --data images/ "
+                       "--out purified.safetensors\n  purenn purify resnet18 --checkpoint fmnist.pt --blocks "
+                       "1,1,1,1 --fashion-mnist --limit 5000 --neurons 16")
+    p.add_argument("model", help=f"torchvision ResNet name ({', '.join(ARCHITECTURES)}) or a purified "
+                   ".safetensors file (its base model is purified again)")
+    p.add_argument("-c", "--checkpoint", metavar="FILE", help="trained weights: .pt/.pth state_dict (loaded with "
+                   "weights_only=True) or .safetensors; classes, input channels and stem are read from it")
+    p.add_argument("--weights", metavar="NAME", help="torchvision pretrained weights instead, e.g. DEFAULT")
+    p.add_argument("--blocks", type=_parse_blocks, metavar="A,B,C,D", help="blocks per stage for a custom depth")
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
+                   help="stride of an adapted (non-7x7) stem convolution (default 1)")
+    _add_data_args(p)
+    g = p.add_argument_group("purification")
+    g.add_argument("--layers", nargs="+", default=["layer4"], metavar="LAYER",
+                   help="target layers, e.g. layer4 layer3.1 (default layer4)")
+    g.add_argument("--neurons", action="append", metavar="N|LAYER:N", help="purify the N most polysemantic neurons "
+                   "(of every layer, or of LAYER; repeatable); default all (every neuron is fitted and scored either "
+                   "way)")
+    g.add_argument("--channels", action="append", metavar="LAYER:C1,C2,...", help="purify only these channels of "
+                   "LAYER (repeatable); much faster than fitting every neuron")
+    g.add_argument("--n-clusters", default="2", type=_clusters_arg, metavar="C|auto",
+                   help="virtual neurons per neuron, or auto (default 2)")
+    g.add_argument("--max-clusters", type=int, default=4, metavar="C", help="largest count for auto (default 4)")
+    g.add_argument("--n-refs", type=int, default=100, metavar="N", help="reference samples per neuron (default 100)")
+    g.add_argument("--gate", default="circuit", choices=("circuit", "activation", "upstream", "map"),
+                   help="what selects the virtual neuron (default circuit: PURE)")
+    g.add_argument("--batch-size", type=int, default=64, metavar="N")
+    g.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes (default 0)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", default="purified.safetensors", metavar="FILE",
+                   help="output file (default purified.safetensors)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
+    p.set_defaults(func=_cmd_purify)
+
+    p = sub.add_parser("inspect", help="show a purified model's config, layers and most polysemantic neurons",
+                       epilog=_EPILOG, formatter_class=fmt)
+    p.add_argument("model", help="purified .safetensors file")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="neurons in the table (default 10)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("export", help="export to ONNX and verify it with ONNX Runtime", epilog=_EPILOG,
+                       formatter_class=fmt, description="Export a purified model to ONNX (outputs logits, "
+                       "pure.<layer>, gate.<layer>) and compare ONNX Runtime with PyTorch.\n\n"
+                       "  purenn export purified.safetensors purified.onnx --input-shape 3,224,224")
+    p.add_argument("model", help="purified .safetensors file")
+    p.add_argument("onnx", help="output .onnx file")
+    p.add_argument("--input-shape", type=_parse_shape, required=True, metavar="C,H,W", help="input shape per sample")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--pool", choices=("mean", "max", "none"), default="mean",
+                   help="pure.<layer> outputs: pooled features (mean, max) or maps (none); default mean")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison (onnx.checker runs)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("probe", help="linear probes: original channels vs pure virtual neurons", epilog=_EPILOG,
+                       formatter_class=fmt, description="Fit linear probes (scikit-learn) on a purified layer's "
+                       "pooled features, the original channels against the pure virtual neurons, and report held-out "
+                       "accuracy. Works on the .safetensors model or on its ONNX export (ONNX Runtime).\n\n"
+                       "  purenn probe purified.safetensors --fashion-mnist --split test --limit 2000\n"
+                       "  purenn probe purified.onnx --data images/ --image-size 224")
+    p.add_argument("model", help="purified .safetensors file or exported .onnx file")
+    _add_data_args(p)
+    p.add_argument("--labels", choices=("fine", "coarse"), default="fine",
+                   help="Fashion-MNIST labels to probe (default fine); folders use their class sub-folders")
+    p.add_argument("--layer", help="purified layer (default: the last)")
+    p.add_argument("--test-fraction", type=float, default=0.3, metavar="F",
+                   help="held-out share of the data (default 0.3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("show", help="draw a neuron: reference images per virtual neuron and its circuits in 2-D",
+                       epilog=_EPILOG, formatter_class=fmt, description="Draw one purified neuron: its top "
+                       "reference images per virtual neuron next to a 2-D embedding of its circuits, coloured by "
+                       "cluster. Pass the same data options as to purify (reference samples are stored by index)."
+                       "\n\n  purenn show purified.safetensors --data images/ --neuron 7 --out neuron7.png")
+    p.add_argument("model", help="purified .safetensors file")
+    _add_data_args(p)
+    p.add_argument("--layer", help="purified layer (default: the first)")
+    p.add_argument("--neuron", type=int, metavar="CHANNEL", help="channel (default: the most polysemantic)")
+    p.add_argument("--embedding", choices=("pca", "tsne"), default="pca")
+    p.add_argument("--n-images", type=int, default=6, metavar="N", help="images per virtual neuron (default 6)")
+    p.add_argument("--dpi", type=int, default=110)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", metavar="FILE.png", help="figure file (default MODEL_LAYER_NEURON.png)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_show)
+    return parser
+
+
+def _clusters_arg(text: str) -> str:
+    if text == "auto" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``purenn`` command with ``argv`` (default ``sys.argv[1:]``) and return its exit code.
+
+    Example:
+        >>> main(["inspect", "purified.safetensors", "--top", "5"])      # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    prefix = f"purenn {args.command}: error:"
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ImportError as e:
+        name = (getattr(e, "name", None) or "").split(".")[0]
+        if isinstance(e, PurennError) or name in _EXTRAS:
+            extra = _EXTRAS.get(name)
+            hint = f' Install it: pip install "purenn[{extra}]".' if extra and not isinstance(e, PurennError) else ""
+            print(f"{prefix} {e}{hint}", file=sys.stderr)
+            return EXIT_MISSING_DEPENDENCY
+        return _unexpected(args, prefix, e)
+    except (PurennError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"{prefix} {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as e:
+        print(f"{prefix} {e.strerror or e}{': ' + repr(e.filename) if e.filename else ''}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as e:
+        return _unexpected(args, prefix, e)
+
+
+def _unexpected(args: argparse.Namespace, prefix: str, e: BaseException) -> int:
+    if args.traceback:
+        traceback.print_exc()
+    print(f"{prefix} unexpected {type(e).__name__}: {e}", file=sys.stderr)
+    if not args.traceback:
+        print("rerun with `purenn --traceback ...` for details, and please report it.", file=sys.stderr)
+    return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
