@@ -169,7 +169,11 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.parent.exists():
         raise InputError(f"cannot write {args.out!r}: " + ("it is a directory." if out.is_dir()
                                                           else f"folder {str(out.parent)!r} does not exist."))
-    layers = [name for item in args.layers for name in item.split(",") if name]
+    named = [v.partition(":")[0] for v in args.channels or []] + [v.rpartition(":")[0] for v in args.neurons or []]
+    if args.layers is None:  # default: the layers that --channels/--neurons name, else layer4
+        layers = list(dict.fromkeys(n for n in named if n)) or ["layer4"]
+    else:
+        layers = [name for item in args.layers for name in item.split(",") if name]
     neurons = _parse_neurons(args.neurons, args.channels, layers)
     n_clusters = args.n_clusters if args.n_clusters == "auto" else int(args.n_clusters)
     model, origin = _base_model(args)
@@ -430,8 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stride of an adapted (non-7x7) stem convolution (default 1)")
     _add_data_args(p)
     g = p.add_argument_group("purification")
-    g.add_argument("--layers", nargs="+", default=["layer4"], metavar="LAYER",
-                   help="target layers, e.g. layer4 layer3.1 (default layer4)")
+    g.add_argument("--layers", nargs="+", metavar="LAYER", help="target layers, e.g. layer4 layer3.1 (default: "
+                   "the layers --channels/--neurons name, else layer4)")
     g.add_argument("--neurons", action="append", metavar="N|LAYER:N", help="purify the N most polysemantic neurons "
                    "(of every layer, or of LAYER; repeatable); default all (every neuron is fitted and scored either "
                    "way)")
