@@ -45,7 +45,9 @@ EXIT_CODES = {
     EXIT_MISSING_DEPENDENCY: "an optional dependency is missing (the message says what to pip install)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
-_EXTRAS = {"matplotlib": "viz", "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx"}
+#: optional or easily missing modules -> how to install them
+_INSTALL = {"matplotlib": 'pip install "purenn[viz]"', "onnx": "pip install onnx", "onnxruntime": "pip install "
+            "onnxruntime (or onnxruntime-gpu)", "sklearn": "pip install scikit-learn", "PIL": "pip install pillow"}
 
 
 # ============================================================================================ inputs
@@ -540,9 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except ImportError as e:
         name = (getattr(e, "name", None) or "").split(".")[0]
-        if isinstance(e, PurennError) or name in _EXTRAS:
-            extra = _EXTRAS.get(name)
-            hint = f' Install it: pip install "purenn[{extra}]".' if extra and not isinstance(e, PurennError) else ""
+        if isinstance(e, PurennError) or name in _INSTALL:
+            hint = "" if isinstance(e, PurennError) else f" Install it: {_INSTALL[name]}."
             print(f"{prefix} {e}{hint}", file=sys.stderr)
             return EXIT_MISSING_DEPENDENCY
         return _unexpected(args, prefix, e)
