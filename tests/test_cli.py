@@ -239,6 +239,7 @@ ERRORS = [
     (["purify", "resnet18", "-c", "{pt}", "--data", "{images}", "-o", "{root}/no/x.safetensors"], 3,
      "does not exist"),
     (["purify", "resnet18", "-c", "{pt}", "--data", "{images}", "--n-refs", "500"], 3, "fewer than n_refs"),
+    (["purify", "resnet18", "-c", "{pt}", "--data", "{images}", "--device", "gpu0"], 3, "not a device"),
     (["purify", "resnet18", "-c", "{pt}"], 2, "--data"),
     (["purify", "resnet18", "-c", "{pt}", "--data", "{images}", "--n-clusters", "many"], 2, "'auto'"),
     (["purify", "resnet18", "-c", "{pt}", "--data", "{images}", "--blocks", "1,2"], 2, "four positive integers"),

@@ -161,6 +161,19 @@ def _parse_neurons(counts: list[str] | None, channels: list[str] | None, layers:
     return spec or None
 
 
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is available to PyTorch here; use --device cpu.")
+
+
 def _cmd_purify(args: argparse.Namespace) -> int:
     from .arch import ResNetSpec
     from .purify import purify_model
@@ -171,6 +184,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if out.is_dir() or not out.parent.exists():
         raise InputError(f"cannot write {args.out!r}: " + ("it is a directory." if out.is_dir()
                                                           else f"folder {str(out.parent)!r} does not exist."))
+    _check_device(args.device)
     named = [v.partition(":")[0] for v in args.channels or []] + [v.rpartition(":")[0] for v in args.neurons or []]
     if args.layers is None:  # default: the layers that --channels/--neurons name, else layer4
         layers = list(dict.fromkeys(n for n in named if n)) or ["layer4"]
