@@ -13,7 +13,17 @@ Example:
 from ._version import __version__
 from .arch import ResNetSpec
 from .cluster import CircuitKMeans
-from .errors import ConfigError, DataError, LayerError, NotFittedError, PurennError, UnsupportedModelError
+from .errors import (
+    ConfigError,
+    DataError,
+    ExportError,
+    FileFormatError,
+    LayerError,
+    NotFittedError,
+    PurennError,
+    UnsupportedModelError,
+)
+from .io import load_purified
 from .purify import purify_model
 from .relevance import circuit_relevance
 from .surgery import PureLayer, PurifiedModel, SuppressionHandle, VirtualNeuron
@@ -34,4 +44,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "NotFittedError",
+    "FileFormatError",
+    "ExportError",
+    "load_purified",
 ]

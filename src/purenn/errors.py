@@ -14,6 +14,8 @@ __all__ = [
     "ConfigError",
     "DataError",
     "NotFittedError",
+    "FileFormatError",
+    "ExportError",
 ]
 
 
@@ -39,3 +41,12 @@ class DataError(PurennError, ValueError):
 
 class NotFittedError(PurennError, ValueError):
     """A fitted quantity was asked for before fitting."""
+
+
+class FileFormatError(PurennError, ValueError):
+    """A saved purenn file cannot be loaded: not a safetensors file, truncated, bad or newer config,
+    missing, extra or misshapen tensors, or a base-model skeleton of another architecture."""
+
+
+class ExportError(PurennError, RuntimeError):
+    """Export to ONNX failed, or the exported graph does not reproduce the PyTorch model."""

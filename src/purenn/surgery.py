@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -492,3 +494,17 @@ class PurifiedModel(nn.Module):
     def unload(self) -> nn.Module:
         """The original model, untouched (its ``state_dict`` is bit-identical to before purification)."""
         return self.base_model
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model (base weights, purenn tensors, JSON config) to one safetensors file.
+
+        Atomic: the file appears complete or not at all. Load it with :func:`purenn.load_purified`;
+        suppressed virtual neurons stay suppressed. Layout: :mod:`purenn.io`.
+
+        Example:
+            >>> pm.save("pure.safetensors")                      # doctest: +SKIP
+            >>> pm2 = purenn.load_purified("pure.safetensors")    # doctest: +SKIP
+        """
+        from .io import save_purified
+
+        return save_purified(self, path)
