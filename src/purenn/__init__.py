@@ -23,6 +23,7 @@ from .errors import (
     PurennError,
     UnsupportedModelError,
 )
+from .export import ExportReport, ParityCheck, export_onnx
 from .io import load_purified
 from .purify import purify_model
 from .relevance import circuit_relevance
@@ -47,4 +48,7 @@ __all__ = [
     "FileFormatError",
     "ExportError",
     "load_purified",
+    "export_onnx",
+    "ExportReport",
+    "ParityCheck",
 ]
