@@ -158,6 +158,24 @@ def test_pooling_options(tiny, tmp_path, pool):
     assert out["pure.layer4"].shape == expected
 
 
+def test_chunked_relevance_is_batch_independent(tiny, tmp_path):
+    """With a tiny budget every neuron is its own relevance chunk in the graph; chunks are sized per
+    sample, so the graph traced at one batch size is right at others."""
+    model, pm = tiny
+    small, default = tmp_path / "chunked.onnx", tmp_path / "default.onnx"
+    assert purenn.export_onnx(pm, small, input_shape=(3, 32, 32), max_memory=1, batch_sizes=(1, 5)).ok
+    purenn.export_onnx(pm, default, input_shape=(3, 32, 32), verify=False)
+    assert pm.max_memory == purenn.relevance.DEFAULT_MAX_MEMORY  # restored after export
+
+    def transposed_convs(path):
+        return sum(n.op_type == "ConvTranspose" for n in onnx.load(str(path)).graph.node)
+
+    assert transposed_convs(small) > transposed_convs(default)
+    for b in (1, 6):
+        x = images(b, seed=20 + b, size=(32, 32))
+        assert assert_matches(model, pm, run_onnx(small, x), x) == 0
+
+
 def test_dead_neuron_gives_no_nan(tmp_path):
     """An all-zero circuit normalises to zeros (relevance / (sum |relevance| + eps)), not 0/0: the
     gate then picks the centroid of smallest norm, in ONNX Runtime as in PyTorch."""
