@@ -257,11 +257,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         return EXIT_OK
     stem = arch.get("stem") or {}
     kernel = "x".join(map(str, stem.get("kernel_size", [])))
-    pool = "max-pool" if stem.get("maxpool") else "no max-pool"
+    pool = "+ max-pool" if stem.get("maxpool") else "without max-pool"
     print(f"file: {args.model}  (purenn {config.get('purenn_version')}, format {config.get('format_version')})")
     print(f"base: {arch.get('builder') or 'custom ResNet'}: {arch.get('block')} blocks {arch.get('layers')}, "
           f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
-          f"stride {(stem.get('stride') or ['?'])[0]} + {pool}")
+          f"stride {(stem.get('stride') or ['?'])[0]} {pool}")
     print()
     print(_table([[r["layer"], r["upstream"], r["gate"], "yes" if r["skip_aware"] else "no", r["channels"],
                    r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
