@@ -136,14 +136,14 @@ def test_purify_from_safetensors_checkpoint_and_from_a_purified_file(capsys, fil
     assert code == 0 and "layer3.1: 1 of 256 neurons split into 258 virtual neurons" in stdout
     again = tmp_path / "b.safetensors"
     code, stdout, _ = run(capsys, "purify", purified, "--data", files["images"], "--image-size", "32",
-                          "--channels", "layer4:7", "--n-refs", "4", "-o", again, "-q")
+                          "--channels", "layer4:7", "--n-refs", "6", "--n-clusters", "auto", "-o", again, "-q")
     assert code == 0 and again.is_file()
     import purenn
 
     a, b = purenn.load_purified(purified), purenn.load_purified(again)
     sa, sb = a.base_model.state_dict(), b.base_model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert b.pure_layer("layer4").neurons.tolist() == [7]
+    assert b.pure_layer("layer4").neurons.tolist() == [7] and 1 <= int(b.pure_layer("layer4").n_clusters[0]) <= 4
 
 
 def test_fashion_mnist_adapted_stem_show_and_probe(capsys, files, purified_fashion, tmp_path):
