@@ -92,9 +92,9 @@ def _pair(v: Any) -> list[int]:
 def _module_signature(m: nn.Module) -> list:
     """The settings of a module that decide its computation and its state_dict shapes."""
     if isinstance(m, nn.Conv2d):
-        return [m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), _pair(m.padding)
-                if not isinstance(m.padding, str) else m.padding, list(m.dilation), m.groups,
-                m.bias is not None, m.padding_mode]
+        padding = m.padding if isinstance(m.padding, str) else _pair(m.padding)
+        return [m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), padding, list(m.dilation),
+                m.groups, m.bias is not None, m.padding_mode]
     if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
         return [m.num_features, float(m.eps), bool(getattr(m, "affine", True)),
                 bool(getattr(m, "track_running_stats", True))]
