@@ -3,6 +3,7 @@ input size, batch sizes 1 and 7 from one file, all-zero inputs; the verification
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -174,6 +175,23 @@ def test_chunked_relevance_is_batch_independent(tiny, tmp_path):
     for b in (1, 6):
         x = images(b, seed=20 + b, size=(32, 32))
         assert assert_matches(model, pm, run_onnx(small, x), x) == 0
+
+
+def test_exact_ties_pick_the_first_cluster(tiny, tmp_path):
+    """Two equal centroids tie exactly; ONNX ArgMin, like torch.argmin, then picks the first."""
+    model, pm = tiny
+    pm = copy.deepcopy(pm)
+    pl = pm.pure_layer("layer4")
+    with torch.no_grad():
+        pl.centroids[2, 0] = pl.centroids[2, 1]
+    path = tmp_path / "tie.onnx"
+    report = purenn.export_onnx(pm, path, input_shape=(3, 32, 32), batch_sizes=(3,))
+    assert report.ok and all(c.gate_mismatches["layer4"] == 0 for c in report.checks)
+    argmins = [n for n in onnx.load(str(path)).graph.node if n.op_type == "ArgMin"]
+    assert argmins and all(a.i == 0 for n in argmins for a in n.attribute if a.name == "select_last_index")
+    x = images(3, seed=30, size=(32, 32))
+    out = run_onnx(path, x)
+    assert np.all(out["gate.layer4"][:, 2] == 0) and torch.all(pm.gates(x)["layer4"][:, 2] == 0)
 
 
 def test_dead_neuron_gives_no_nan(tmp_path):
