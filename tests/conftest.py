@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -144,3 +145,34 @@ def zennit_relevance(model, x, layer, upstream, neurons, eps=1e-12):
         r = (grad * a_up).sum(dim=(2, 3)).detach()
         out.append(r / (r.abs().sum(-1, keepdim=True) + eps))
     return torch.stack(out, dim=1)
+
+
+# ------------------------------------------------------------------ a tiny model with planted concepts
+#: fine classes (planted concept ids) and their superclasses: {h-stripes, disk} and {v-stripes, ring}
+PLANTED_CLASSES = [0, 2, 1, 3]
+
+
+@pytest.fixture(scope="session")
+def planted_model():
+    """A small ResNet trained in seconds on two superclasses, each the union of two planted concepts.
+
+    Returns ``(model, train, test)``; fine labels 0..3, superclasses ``{0, 1} -> 0``, ``{2, 3} -> 1``.
+    """
+    from purenn.datasets import planted_concepts, small_image_resnet, train_classifier
+
+    train = planted_concepts(320, classes=PLANTED_CLASSES, size=16, seed=0)
+    test = planted_concepts(160, classes=PLANTED_CLASSES, size=16, seed=1)
+    torch.manual_seed(0)
+    model = small_image_resnet(blocks=[1, 1, 1, 1], stem_stride=2, num_classes=2)
+    model = train_classifier(model, train, epochs=2, batch_size=32, lr=3e-3, progress=False)
+    return model, train, test
+
+
+@pytest.fixture(scope="session")
+def planted_pm(planted_model):
+    """``planted_model`` with 16 of its ``layer4`` neurons split in two."""
+    import purenn
+
+    model, train, _ = planted_model
+    return purenn.purify_model(model, ["layer4"], train, n_refs=20, neurons={"layer4": list(range(0, 512, 32))},
+                               progress=False)

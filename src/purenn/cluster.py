@@ -26,7 +26,30 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, NotFittedError
 
-__all__ = ["CircuitKMeans"]
+__all__ = ["CircuitKMeans", "SCORES", "contrast_score"]
+
+SCORES = ("silhouette", "contrast")
+
+
+def contrast_score(centres: np.ndarray, labels: np.ndarray) -> float:
+    """Balance times separation of a split: ``c * min_j n_j / n`` (1 for equal clusters) times the
+    mean cosine distance ``1 - cos(mu_i, mu_j)`` between the centroids (0 for parallel centroids).
+
+    A neuron whose references fall into two similar-sized groups driven by different upstream
+    channels scores high; a lopsided split or one into near-parallel circuits scores low.
+
+    Example:
+        >>> contrast_score(np.array([[1., 0], [0, 1]]), np.array([0, 0, 1, 1]))
+        1.0
+    """
+    c = len(centres)
+    counts = np.bincount(labels, minlength=c)
+    if c < 2 or counts.min() == 0:
+        return 0.0
+    unit = centres / (np.linalg.norm(centres, axis=1, keepdims=True) + 1e-12)
+    cos = unit @ unit.T
+    sep = float((1 - cos[np.triu_indices(c, 1)]).mean())
+    return float(c * counts.min() / counts.sum() * sep)
 
 
 class CircuitKMeans:
@@ -42,6 +65,8 @@ class CircuitKMeans:
         min_gap: silhouette excess over the null a split needs under ``"auto"``.
         n_init: k-means restarts (scikit-learn's ``n_init``).
         random_state: seed; the same seed gives the same centroids.
+        score: ``"silhouette"`` (default) or ``"contrast"`` (:func:`contrast_score`), what
+            ``scores_`` holds.
         progress: show a progress bar over neurons.
 
     Attributes:
@@ -50,7 +75,8 @@ class CircuitKMeans:
         n_clusters_: ``(K,)`` clusters per neuron.
         labels_: ``(K, n)`` cluster of each reference.
         counts_: ``(K, c_max)`` references per cluster.
-        scores_: ``(K,)`` polysemanticity score: the silhouette of the split (of the chosen count
+        scores_: ``(K,)`` polysemanticity score (``score``): the silhouette or the
+            :func:`contrast_score` of the split (of the chosen count
             under ``"auto"``; 0 when the references do not separate, e.g. a dead neuron whose
             circuits are all zero).
         gaps_: ``(K,)`` under ``"auto"``: the silhouette excess over the null of the chosen count.
@@ -71,8 +97,10 @@ class CircuitKMeans:
         min_gap: float = 0.05,
         n_init: int = 10,
         random_state: int = 0,
+        score: str = "silhouette",
         progress: bool = False,
     ):
+        self.score = score
         self.n_clusters = n_clusters
         self.max_clusters = max_clusters
         self.min_gap = min_gap
@@ -80,8 +108,8 @@ class CircuitKMeans:
         self.random_state = random_state
         self.progress = progress
 
-    def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """k-means with ``c`` clusters on ``(n, D)``: centres, labels, silhouette (0 if undefined)."""
+    def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """k-means with ``c`` clusters on ``(n, D)``: centres, labels, score, silhouette (0 if undefined)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             km = KMeans(n_clusters=c, n_init=self.n_init, random_state=self.random_state).fit(x)
@@ -89,7 +117,7 @@ class CircuitKMeans:
         score = 0.0
         if 2 <= n_labels <= len(x) - 1 and np.ptp(x, axis=0).max() > 0:
             score = float(silhouette_score(x, km.labels_))
-        return km.cluster_centers_, km.labels_, score
+        return km.cluster_centers_, km.labels_, score, score
 
     def _null_sample(self, x: np.ndarray, i: int) -> np.ndarray:
         """A Gaussian sample of the same size with the mean and covariance of ``x`` (``(n, D)``)."""
@@ -102,13 +130,15 @@ class CircuitKMeans:
         fits = []
         for i in tqdm(range(len(x)), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
             tries = [self._split(x[i], cc) for cc in candidates]
+            if self.score == "contrast":
+                tries = [(cen, lab, contrast_score(cen, lab), sil) for cen, lab, _, sil in tries]
             if c != "auto":
-                fits.append(tries[0])
+                fits.append(tries[0][:3])
                 continue
             null = self._null_sample(x[i], i)
-            gaps = [t[2] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
+            gaps = [t[3] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
             best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
-            centres, labels, score = tries[best]
+            centres, labels, score = tries[best][:3]
             self.gaps_[i] = gaps[best]
             if gaps[best] < self.min_gap:
                 centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(x.shape[1], dtype=np.int64)
@@ -121,6 +151,8 @@ class CircuitKMeans:
         if x.ndim != 3:
             raise ConfigError(f"circuits must have shape (neurons, references, features), got {x.shape}.")
         k, n, d = x.shape
+        if self.score not in SCORES:
+            raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}.")
         c = self.n_clusters
         if c == "auto":
             m = self.max_clusters

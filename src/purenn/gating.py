@@ -1,9 +1,11 @@
 """Gate signals: what a purified neuron's virtual neurons are chosen by.
 
 ``"circuit"`` is PURE: the neuron's normalised circuit relevance on the upstream layer (computed
-by :mod:`purenn.relevance`, one backward pass through the segment per neuron). The others are
-baselines computed from forward activations only, so they cost nothing beyond the forward pass
-and export to ONNX as a few reductions and a nearest-centroid search:
+by :mod:`purenn.relevance`, one backward pass through the segment per neuron). ``"circuit+map"``
+combines two signals: the circuit and the neuron's own activation map, each scaled to unit length,
+the map weighted by ``gate_weight`` (:func:`combine_features`). The others are baselines computed
+from forward activations only, so they cost nothing beyond the forward pass and export to ONNX as
+a few reductions and a nearest-centroid search:
 
 - ``"activation"``: the target layer's spatially mean-pooled activation vector (all of its
   channels), the baseline of PURE's evaluation;
@@ -33,11 +35,12 @@ from .collect import References
 from .data import DataSource
 from .errors import ConfigError
 
-__all__ = ["GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim", "nearest_centroid",
-           "fit_gate_features"]
+__all__ = ["GATES", "CIRCUIT_GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim",
+           "nearest_centroid", "combine_features", "fit_gate_features"]
 
-GATES = ("circuit", "activation", "upstream", "map")
-ACTIVATION_GATES = GATES[1:]
+GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
+CIRCUIT_GATES = GATES[:2]
+ACTIVATION_GATES = GATES[2:]
 
 
 def check_gate(gate: object) -> str:
@@ -59,8 +62,29 @@ def gate_features(gate: str, a_up: Tensor, a_target: Tensor, neurons: Tensor) ->
     raise ConfigError(f"gate {gate!r} has no forward-only features; supported: {ACTIVATION_GATES}.")
 
 
+def combine_features(circuit: Tensor, extra: Tensor, weight: float, eps: float = 1e-12) -> Tensor:
+    """``[circuit / |circuit|, weight * extra / |extra|]`` along the last axis (Euclidean norms), so
+    neither signal dominates by its scale; an all-zero part stays zero.
+
+    Example:
+        >>> combine_features(torch.tensor([[3., 4.]]), torch.tensor([[0., 2.]]), 0.5)
+        tensor([[0.6000, 0.8000, 0.0000, 0.5000]])
+    """
+    c = circuit / (circuit.norm(dim=-1, keepdim=True) + eps)
+    e = extra / (extra.norm(dim=-1, keepdim=True) + eps)
+    return torch.cat([c, weight * e], dim=-1)
+
+
+def check_gate_weight(weight: object) -> float:
+    """Validate the weight of the second signal of a combined gate."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ConfigError(f"gate_weight must be a number >= 0, got {weight!r}.")
+    return float(weight)
+
+
 def gate_dim(gate: str, up_channels: int, channels: int) -> int | None:
-    """Feature size of a gate (``None`` for ``"map"``, whose size is the target map's ``H*W``)."""
+    """Feature size of a gate (``None`` for ``"map"`` and ``"circuit+map"``, which depend on the
+    target map's ``H*W``)."""
     return {"circuit": up_channels, "upstream": up_channels, "activation": channels}.get(gate)
 
 

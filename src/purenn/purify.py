@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .arch import Block, ResNetSpec
-from .cluster import CircuitKMeans
+from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
-from .gating import check_gate, fit_gate_features
+from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
 from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel
 
@@ -141,6 +141,8 @@ def purify_model(
     skip_aware: bool | str = "auto",
     max_clusters: int = 4,
     gate: str = "circuit",
+    gate_weight: float = 0.5,
+    score: str = "silhouette",
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -178,7 +180,12 @@ def purify_model(
         gate: ``"circuit"`` (PURE) or a forward-only baseline gate of :mod:`purenn.gating`:
             ``"activation"`` (k-means on the target layer's spatially mean-pooled activation vector
             over the references, PURE's evaluation baseline), ``"upstream"`` (the upstream layer's
-            pooled activations) or ``"map"`` (the neuron's own activation map).
+            pooled activations) or ``"map"`` (the neuron's own activation map); or ``"circuit+map"``:
+            the circuit and the neuron's own activation map, each scaled to unit length, the map
+            weighted by ``gate_weight``.
+        gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
+        score: the polysemanticity score stored per neuron and used by ``neurons=N``:
+            ``"silhouette"`` or ``"contrast"`` (see :class:`~purenn.cluster.CircuitKMeans`).
         batch_size: samples per forward pass.
         device: where to compute (default: the model's device).
         progress: show progress bars.
@@ -212,6 +219,9 @@ def purify_model(
                 f"n_clusters={n_clusters} exceeds n_refs={n_refs}; each cluster needs reference samples."
             )
     gate = check_gate(gate)
+    gate_weight = check_gate_weight(gate_weight)
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
     seed = _check_int("seed", seed, 0)
     cache_memory = _check_int("cache_memory", cache_memory, 0)
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
@@ -240,11 +250,18 @@ def purify_model(
         spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
         cache=cache, channels={p.layer: list(p.neurons) for p in plans},
     )
-    if gate == "circuit":
+    if gate in CIRCUIT_GATES:
         features = fit_circuits(
             spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
             progress=progress, cache=cache,
         )
+        if gate == "circuit+map":
+            for p in plans:
+                maps = fit_gate_features(
+                    spec, source, "map", p.position, p.up_position, list(p.neurons), refs[p.layer],
+                    batch_size=batch_size, device=device, progress=progress,
+                )
+                features[p.layer] = combine_features(features[p.layer], maps.to(features[p.layer].dtype), gate_weight)
     else:
         features = {
             p.layer: fit_gate_features(
@@ -256,7 +273,7 @@ def purify_model(
     dtype = next(model.parameters()).dtype
     pure_layers = []
     for p in plans:
-        km = CircuitKMeans(n_clusters, max_clusters=max_clusters, random_state=seed, progress=progress)
+        km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
         km.fit(features[p.layer].numpy())
         keep = np.arange(len(p.neurons))
         if p.layer in top:  # the N highest scores, ties to the lower channel, in channel order
@@ -276,8 +293,9 @@ def purify_model(
                 ref_counts=torch.as_tensor(km.counts_[keep, :c_max]),
                 ref_indices=refs[p.layer].indices[chosen],
                 ref_clusters=torch.as_tensor(km.labels_[keep]),
-                skip_aware=p.skip_aware and gate == "circuit",
+                skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
                 gate=gate,
+                gate_weight=gate_weight,
             ).to(device)
         )
     return PurifiedModel(model, pure_layers, max_memory=int(max_memory))

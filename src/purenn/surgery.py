@@ -28,7 +28,16 @@ from torch import Tensor, nn
 
 from .arch import Block, BlockRecord, ResNetSpec
 from .errors import ConfigError, LayerError
-from .gating import check_gate, gate_dim, gate_features, nearest_centroid
+from .gating import (
+    ACTIVATION_GATES,
+    CIRCUIT_GATES,
+    check_gate,
+    check_gate_weight,
+    combine_features,
+    gate_dim,
+    gate_features,
+    nearest_centroid,
+)
 from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, normalize_relevance
 
 __all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
@@ -78,9 +87,11 @@ class PureLayer(nn.Module):
         ref_indices: ``(K, n)`` data indices of each neuron's reference samples, strongest first.
         ref_clusters: ``(K, n)`` cluster of each reference sample.
         skip_aware: gate on relevance with the neuron's own upstream channel left out.
-        gate: what the gate compares with the centroids: ``"circuit"`` (PURE, the default) or a
+        gate: what the gate compares with the centroids: ``"circuit"`` (PURE, the default),
+            ``"circuit+map"`` (the circuit and the neuron's own activation map combined) or a
             forward-only baseline of :mod:`purenn.gating` (``"activation"``: the target layer's
             pooled activations, PURE's evaluation baseline; ``"upstream"``; ``"map"``).
+        gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
         rule: relevance rule (only ``"gradient"``, PURE's).
 
     Buffers saved in ``state_dict``: ``neurons``, ``centroids``, ``n_clusters``, ``scores``,
@@ -104,11 +115,13 @@ class PureLayer(nn.Module):
         skip_aware: bool = False,
         rule: str = "gradient",
         gate: str = "circuit",
+        gate_weight: float = 0.5,
     ) -> None:
         super().__init__()
         if rule != "gradient":
             raise ConfigError(f"unknown relevance rule {rule!r}; supported: 'gradient'.")
         self.gate = check_gate(gate)
+        self.gate_weight = check_gate_weight(gate_weight)
         self.layer, self.upstream, self.channels = layer, upstream, int(channels)
         self.skip_aware, self.rule = bool(skip_aware), rule
         neurons = torch.as_tensor(neurons, dtype=torch.long)
@@ -153,7 +166,7 @@ class PureLayer(nn.Module):
         self.register_buffer("channel_slots", pad, persistent=False)
 
     #: constructor arguments that are plain values (the rest are the saved buffers)
-    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule", "gate")
+    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule", "gate", "gate_weight")
     #: buffers saved in ``state_dict`` and given to the constructor by name
     TENSOR_KEYS = ("neurons", "centroids", "n_clusters", "scores", "ref_counts", "ref_indices", "ref_clusters")
 
@@ -164,8 +177,9 @@ class PureLayer(nn.Module):
     @classmethod
     def from_config(cls, config: dict, tensors: dict[str, Tensor]) -> PureLayer:
         """Rebuild from :meth:`config` and the tensors of ``state_dict`` (``merge_weight`` optional)."""
-        plain = {k: config[k] for k in cls.CONFIG_KEYS if k != "gate"}
-        layer = cls(**plain, gate=config.get("gate", "circuit"), **{k: tensors[k] for k in cls.TENSOR_KEYS})
+        optional = {"gate": "circuit", "gate_weight": 0.5}  # keys added after the first file format
+        plain = {k: config.get(k, optional.get(k)) if k in optional else config[k] for k in cls.CONFIG_KEYS}
+        layer = cls(**plain, **{k: tensors[k] for k in cls.TENSOR_KEYS})
         if "merge_weight" in tensors:
             w = tensors["merge_weight"]
             if w.shape != layer.merge_weight.shape:
@@ -212,12 +226,15 @@ class PureLayer(nn.Module):
             neurons, centroids, n_cl = self.neurons, self.centroids, self.n_clusters
         else:
             neurons, centroids, n_cl = self.neurons[positions], self.centroids[positions], self.n_clusters[positions]
-        if self.gate != "circuit":
+        if self.gate in ACTIVATION_GATES:
             return nearest_centroid(gate_features(self.gate, a_up, a_target, neurons), centroids, n_cl)
+        extra = gate_features("map", a_up, a_target, neurons) if self.gate == "circuit+map" else None
         valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
         out = []
         for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory):
             feat = normalize_relevance(raw, neurons[s:e], drop_self=self.skip_aware)
+            if extra is not None:
+                feat = combine_features(feat, extra[:, s:e], self.gate_weight)
             dist = ((feat[:, :, None, :] - centroids[None, s:e]) ** 2).sum(dim=-1)
             dist = torch.where(valid[None, s:e], dist, torch.full_like(dist, float("inf")))
             out.append(dist.argmin(dim=-1))
@@ -346,7 +363,7 @@ class PurifiedModel(nn.Module):
                 todo[pos] = None
             elif every or len(sub):
                 todo[pos] = sub
-        record = {j for pos in todo if plan[pos][0].gate == "circuit" for j in plan[pos][3]}
+        record = {j for pos in todo if plan[pos][0].gate in CIRCUIT_GATES for j in plan[pos][3]}
         keep = {plan[pos][1] for pos in todo}
         acts: dict[int, Tensor] = {}
         recs: dict[int, BlockRecord] = {}
@@ -364,7 +381,7 @@ class PurifiedModel(nn.Module):
                 g = None
                 if j in todo:
                     sub = todo[j]
-                    seg = [recs[i] for i in rng] if pl.gate == "circuit" else []
+                    seg = [recs[i] for i in rng] if pl.gate in CIRCUIT_GATES else []
                     with torch.no_grad():
                         gs = None
                         if sub is None or len(sub):
