@@ -428,7 +428,12 @@ _DESCRIPTION = ("Split polysemantic ResNet neurons into pure virtual neurons (PU
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``purenn`` command."""
+    """The argument parser of the ``purenn`` command.
+
+    Example:
+        >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
+        3
+    """
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"purenn {__version__}")
