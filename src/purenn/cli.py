@@ -206,7 +206,8 @@ def _cmd_purify(args: argparse.Namespace) -> int:
         dataset = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
     pm = purify_model(
         model, layers, dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
-        max_clusters=args.max_clusters, gate=args.gate, batch_size=args.batch_size, device=args.device,
+        max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
+        batch_size=args.batch_size, device=args.device,
         progress=not args.quiet, seed=args.seed,
     )
     pm.to("cpu")
@@ -434,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
+    from .cluster import SCORES
+    from .gating import GATES
+
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"purenn {__version__}")
@@ -466,8 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="virtual neurons per neuron, or auto (default 2)")
     g.add_argument("--max-clusters", type=int, default=4, metavar="C", help="largest count for auto (default 4)")
     g.add_argument("--n-refs", type=int, default=100, metavar="N", help="reference samples per neuron (default 100)")
-    g.add_argument("--gate", default="circuit", choices=("circuit", "activation", "upstream", "map"),
-                   help="what selects the virtual neuron (default circuit: PURE)")
+    g.add_argument("--gate", default="circuit", choices=GATES,
+                   help="what selects the virtual neuron (default circuit: PURE; the others are baselines)")
+    g.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
+                   help="weight of the activation map in a circuit+map gate (default 0.5)")
+    g.add_argument("--score", default="silhouette", choices=SCORES,
+                   help="polysemanticity score that ranks neurons for --neurons N (default silhouette)")
     g.add_argument("--batch-size", type=int, default=64, metavar="N")
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
