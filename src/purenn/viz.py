@@ -148,7 +148,8 @@ def embed_2d(
     from sklearn.manifold import TSNE
 
     perplexity = float(max(1.0, min(30.0, (n - 1) / 3)))
-    pts = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(v)
+    method = "exact" if n <= 500 else "barnes_hut"  # exact is faster for a neuron's ~100 references
+    pts = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, method=method).fit_transform(v)
     if extra is None:
         return pts, None
     near = ((np.asarray(extra)[:, None, :] - v[None]) ** 2).sum(-1).argmin(axis=0)
