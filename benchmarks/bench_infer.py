@@ -37,14 +37,16 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def timeit(fn, repeat: int) -> float:
-    fn()
-    times = []
+def timeit_pair(base, other, repeat: int) -> tuple[float, float]:
+    """Median times of two functions, run alternately so both see the same machine load."""
+    base(), other()
+    tb, to = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((base, tb), (other, to)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(tb), statistics.median(to)
 
 
 def main(argv=None) -> list[dict]:
@@ -66,7 +68,6 @@ def main(argv=None) -> list[dict]:
     data = torch.rand(24, 3, a.size, a.size, generator=torch.Generator().manual_seed(2))
     x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        t_base = timeit(lambda: model(x), a.repeat)
         f_model = flops(lambda: model(x))
     rows = []
     for layer in a.layers.split(","):
@@ -88,7 +89,7 @@ def main(argv=None) -> list[dict]:
             )
             with torch.no_grad():
                 run = lambda pm=pm: pm._run(x, all_gates=True, pool="mean")  # noqa: E731
-                t_pure = timeit(run, a.repeat)
+                t_base, t_pure = timeit_pair(lambda: model(x), run, a.repeat)
                 f_pure = flops(run)
                 gates = pm.gates(x)[layer]
                 pm.max_memory = 1  # one neuron per chunk: the plain evaluation order
