@@ -108,6 +108,10 @@ def test_disentanglement_matches_gates(planted_pm, planted_model):
         np.testing.assert_array_equal(n.assignments, g)
         assert n.ari == pytest.approx(gate_agreement(g, test.fine.numpy()[refs.indices[n.channel]])["ari"])
         assert n.mix.sum() == pytest.approx(1.0) and n.n_clusters == 2
+        ref_y = test.fine.numpy()[refs.indices[n.channel]]
+        sel = np.isin(ref_y, n.pair)
+        assert n.pair[0] == np.bincount(ref_y).argmax() and sel.mean() >= n.mix[list(n.pair)].sum() - 1e-9
+        assert n.ari_pair == pytest.approx(gate_agreement(g[sel], ref_y[sel])["ari"])
     # mixed_only skips the rest (NaN), and the summaries select the mixed ones
     rep2 = disentanglement(planted_pm, "layer4", test, test.fine, channels=chans, refs=refs, mixed_only=True)
     for a, b in zip(rep.neurons, rep2.neurons):
@@ -135,3 +139,17 @@ def test_disentanglement_errors(planted_pm, planted_model):
     with pytest.raises(LayerError):
         disentanglement(planted_pm, "layer3", test, test.fine)
     assert isinstance(planted_pm, purenn.PurifiedModel)
+
+
+def test_forward_only_gates_evaluated_at_once(planted_model):
+    """The batched path for forward-only gates gives what gating each neuron on its own references gives."""
+    model, train, test = planted_model
+    chans = [0, 64, 128, 192]
+    pm = purenn.purify_model(model, ["layer4"], train, n_refs=16, neurons={"layer4": chans}, gate="activation",
+                             progress=False)
+    refs = held_out_references(pm, test, "layer4", 12)
+    rep = disentanglement(pm, "layer4", test, test.fine, refs=refs)
+    for n in rep.neurons:
+        with torch.no_grad():
+            g = pm.gates(test.images[refs.indices[n.channel]], neurons={"layer4": [n.channel]})["layer4"][:, 0]
+        np.testing.assert_array_equal(n.assignments, g.numpy())

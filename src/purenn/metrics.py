@@ -32,6 +32,7 @@ from .arch import ResNetSpec
 from .collect import References, collect_references
 from .data import DataSource
 from .errors import ConfigError, DataError
+from .gating import ACTIVATION_GATES
 
 __all__ = [
     "purity",
@@ -111,12 +112,20 @@ def held_out_references(
 
 @dataclass
 class NeuronAgreement:
-    """Gate agreement of one neuron on its held-out references."""
+    """Gate agreement of one neuron on its held-out references.
+
+    ``ari``/``purity`` use all references; ``ari_pair``/``purity_pair`` only those whose label is
+    one of the two most common (``pair``), so a few references of other labels, which no split
+    into two can place, do not cap the score.
+    """
 
     channel: int
     n_clusters: int
     ari: float
     purity: float
+    ari_pair: float
+    purity_pair: float
+    pair: tuple[int, int]
     mix: np.ndarray  # share of each label among the references
     mixed: bool
     assignments: np.ndarray
@@ -130,11 +139,13 @@ class DisentanglementReport:
     layer: str
     neurons: list[NeuronAgreement]
 
-    def ari(self, mixed_only: bool = True) -> np.ndarray:
-        return np.array([n.ari for n in self.neurons if n.mixed or not mixed_only])
+    def ari(self, mixed_only: bool = True, pair: bool = False) -> np.ndarray:
+        """Per-neuron ARI (of the mixed neurons by default; ``pair``: on the two main labels' references)."""
+        return np.array([n.ari_pair if pair else n.ari for n in self.neurons if n.mixed or not mixed_only])
 
-    def purity(self, mixed_only: bool = True) -> np.ndarray:
-        return np.array([n.purity for n in self.neurons if n.mixed or not mixed_only])
+    def purity(self, mixed_only: bool = True, pair: bool = False) -> np.ndarray:
+        """Per-neuron purity, selected like :meth:`ari`."""
+        return np.array([n.purity_pair if pair else n.purity for n in self.neurons if n.mixed or not mixed_only])
 
     def channels(self, mixed_only: bool = True) -> list[int]:
         return [n.channel for n in self.neurons if n.mixed or not mixed_only]
@@ -186,23 +197,57 @@ def disentanglement(
     n_labels = int(y.max()) + 1
     k_of = {c: i for i, c in enumerate(purified)}
     device, dtype = pl.centroids.device, next(pm.base_model.parameters()).dtype
+    todo = []
+    for c in chans:
+        ref_y = y[refs.indices[c].numpy()]
+        if not mixed_only or mixed_neurons(ref_y[None], min_share=min_share, n_labels=n_labels)[0]:
+            todo.append(c)
+    gates = _held_out_gates(pm, layer, source, refs, todo, device, dtype, batch_size)
+    nan = float("nan")
     out = []
     for c in chans:
-        idx = refs.indices[c]
-        ref_y = y[idx.numpy()]
+        ref_y = y[refs.indices[c].numpy()]
         mix = label_mix(ref_y[None], n_labels)[0]
         mixed = bool(mixed_neurons(ref_y[None], min_share=min_share, n_labels=n_labels)[0])
+        pair = tuple(int(v) for v in np.argsort(-mix, kind="stable")[:2])
         n_cl = int(pl.n_clusters[k_of[c]])
-        if mixed_only and not mixed:
-            out.append(NeuronAgreement(c, n_cl, float("nan"), float("nan"), mix, mixed, np.zeros(0), ref_y))
+        if c not in gates:
+            out.append(NeuronAgreement(c, n_cl, nan, nan, nan, nan, pair, mix, mixed, np.zeros(0), ref_y))
             continue
-        x = source.fetch(idx).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            g = torch.cat([pm.gates(x[s : s + batch_size], neurons={layer: [c]})[layer][:, 0]
-                           for s in range(0, len(x), batch_size)]).cpu().numpy()
+        g = gates[c]
         agree = gate_agreement(g, ref_y)
-        out.append(NeuronAgreement(c, n_cl, agree["ari"], agree["purity"], mix, mixed, g, ref_y))
+        sel = np.isin(ref_y, pair)
+        two = gate_agreement(g[sel], ref_y[sel])
+        out.append(NeuronAgreement(c, n_cl, agree["ari"], agree["purity"], two["ari"], two["purity"], pair, mix,
+                                   mixed, g, ref_y))
     return DisentanglementReport(layer, out)
+
+
+def _held_out_gates(
+    pm: Any, layer: str, source: DataSource, refs: References, channels: list[int], device: Any, dtype: Any,
+    batch_size: int,
+) -> dict[int, np.ndarray]:
+    """Gate of each channel on its own references. A forward-only gate is computed for all channels
+    on the union of their references at once; a circuit gate one channel at a time (it costs one
+    relevance pass per (sample, neuron) pair)."""
+    if not channels:
+        return {}
+    if pm.pure_layer(layer).gate in ACTIVATION_GATES:
+        ids, inv = torch.unique(refs.indices[channels], return_inverse=True)
+        parts = []
+        with torch.no_grad():
+            for s in range(0, len(ids), batch_size):
+                x = source.fetch(ids[s : s + batch_size]).to(device=device, dtype=dtype)
+                parts.append(pm.gates(x, neurons={layer: channels})[layer].cpu())
+        g = torch.cat(parts)  # (U, len(channels))
+        return {c: g[inv[i], i].numpy() for i, c in enumerate(channels)}
+    out = {}
+    for c in channels:
+        x = source.fetch(refs.indices[c]).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            out[c] = torch.cat([pm.gates(x[s : s + batch_size], neurons={layer: [c]})[layer][:, 0]
+                                for s in range(0, len(x), batch_size)]).cpu().numpy()
+    return out
 
 
 def score_auroc(scores: Sequence[float] | np.ndarray, truth: Sequence[bool] | np.ndarray) -> float:
