@@ -64,10 +64,11 @@ def test_dead_neuron_stays_whole():
     assert km.n_clusters_.tolist() == [1] and np.isfinite(km.centroids_).all()
 
 
-def test_purify_auto_and_top_n(planted_model):
+def test_purify_auto(planted_model):
     model, train, test = planted_model
-    kw = {"n_refs": 12, "progress": False, "n_clusters": "auto", "max_clusters": 3}
-    full = purenn.purify_model(model, ["layer4"], train, **kw)
+    chans = list(range(0, 512, 8))
+    full = purenn.purify_model(model, ["layer4"], train, n_refs=12, neurons={"layer4": chans}, n_clusters="auto",
+                               max_clusters=3, progress=False)
     pl = full.pure_layer("layer4")
     counts = pl.n_clusters.tolist()
     assert set(counts) <= {1, 2, 3} and 1 in counts and max(counts) > 1
@@ -87,16 +88,18 @@ def test_purify_auto_and_top_n(planted_model):
         a = model.layer4(model.layer3(model.layer2(model.layer1(model.relu(model.bn1(model.conv1(x)))))))
     torch.testing.assert_close(merged, a.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
 
-    # neurons=N purifies the N best-scored neurons of the full fit, in channel order
-    top = purenn.purify_model(model, ["layer4"], train, neurons=5, **kw)
-    tl = top.pure_layer("layer4")
-    expected = np.sort(np.argsort(-pl.scores.numpy(), kind="stable")[:5])
-    assert tl.neurons.tolist() == expected.tolist()
-    torch.testing.assert_close(tl.scores, pl.scores[expected])
-    assert tl.n_clusters.tolist() == pl.n_clusters[expected].tolist()
-    # the mapping form, with a fixed cluster count: the top neurons by the 2-split score
-    two = purenn.purify_model(model, ["layer4"], train, n_refs=12, progress=False, neurons={"layer4": 5})
-    assert two.pure_layer("layer4").n_clusters.tolist() == [2] * 5
+
+def test_purify_top_n_by_score(planted_model):
+    model, train, _ = planted_model
+    every = purenn.purify_model(model, ["layer4"], train, n_refs=8, progress=False).pure_layer("layer4")
+    expected = np.sort(np.argsort(-every.scores.numpy(), kind="stable")[:5])
+    for neurons in (5, {"layer4": 5}):
+        top = purenn.purify_model(model, ["layer4"], train, n_refs=8, neurons=neurons, progress=False)
+        tl = top.pure_layer("layer4")
+        assert tl.neurons.tolist() == expected.tolist()
+        torch.testing.assert_close(tl.scores, every.scores[expected])
+        torch.testing.assert_close(tl.centroids, every.centroids[expected])
+        assert tl.n_clusters.tolist() == [2] * 5
 
 
 def test_purify_neuron_count_and_auto_validation(planted_model):
