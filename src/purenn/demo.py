@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", action="store_true", help="use the synthetic concepts even if Fashion-MNIST is there")
     p.add_argument("--root", default=None, help="directory with the Fashion-MNIST IDX files")
     p.add_argument("--neurons", type=int, default=6, help="how many of the most polysemantic neurons to purify")
-    p.add_argument("--train", type=int, default=2000, help="training images")
+    p.add_argument("--train", type=int, default=5000, help="training images")
     args = p.parse_args(argv)
     t0 = time.time()
     if args.synthetic:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: ResNet with 1 block per stage, {'loaded from cache' if hit else 'trained'} "
           f"({path.name}); superclass test accuracy {acc:.1%}  [{time.time() - t0:.0f}s]")
 
-    fit = train
+    fit = train.head(3000)
     pm = purify_model(model, ["layer4"], fit, n_refs=40, neurons=args.neurons, score="contrast", progress=False)
     with torch.no_grad():
         delta = (pm(test.images) - model(test.images)).abs().max().item()
