@@ -10,7 +10,7 @@ Example:
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
     >>> y = np.arange(200) % 2
-    >>> x = rng.normal(size=(200, 5)) + y[:, None]
+    >>> x = rng.normal(size=(200, 5)) + 3 * y[:, None]
     >>> res = fit_probe(x[:100], y[:100], x[100:], y[100:])
     >>> res.accuracy > 0.9
     True
