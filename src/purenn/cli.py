@@ -174,16 +174,22 @@ def _check_device(device: str | None) -> None:
         raise InputError(f"--device {device}: no CUDA GPU is available to PyTorch here; use --device cpu.")
 
 
+def _output_path(text: str, suffix: str, what: str) -> Path:
+    """A writable output path with the given suffix, else an :class:`InputError` naming the problem."""
+    out = Path(text)
+    if out.suffix != suffix:
+        raise InputError(f"{what} must end in {suffix}.")
+    if out.is_dir() or not out.parent.exists():
+        raise InputError(f"cannot write {text!r}: " + ("it is a directory." if out.is_dir()
+                                                      else f"folder {str(out.parent)!r} does not exist."))
+    return out
+
+
 def _cmd_purify(args: argparse.Namespace) -> int:
     from .arch import ResNetSpec
     from .purify import purify_model
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise InputError(f"--out {args.out!r} must end in .safetensors.")
-    if out.is_dir() or not out.parent.exists():
-        raise InputError(f"cannot write {args.out!r}: " + ("it is a directory." if out.is_dir()
-                                                          else f"folder {str(out.parent)!r} does not exist."))
+    out = _output_path(args.out, ".safetensors", f"--out {args.out!r}")
     _check_device(args.device)
     named = [v.partition(":")[0] for v in args.channels or []] + [v.rpartition(":")[0] for v in args.neurons or []]
     if args.layers is None:  # default: the layers that --channels/--neurons name, else layer4
@@ -290,12 +296,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    out = Path(args.onnx)
-    if out.suffix != ".onnx":
-        raise InputError(f"the output {args.onnx!r} must end in .onnx.")
-    if out.is_dir() or not out.parent.exists():
-        raise InputError(f"cannot write {args.onnx!r}: " + ("it is a directory." if out.is_dir()
-                                                           else f"folder {str(out.parent)!r} does not exist."))
+    out = _output_path(args.onnx, ".onnx", f"the output {args.onnx!r}")
     pm = _load_purified(args.model)
     kwargs = {} if args.opset is None else {"opset": args.opset}
     _say(args, f"exporting {args.model} -> {out} (input (batch, {', '.join(map(str, args.input_shape))}))")
