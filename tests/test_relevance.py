@@ -132,3 +132,28 @@ def test_bad_arguments():
         circuit_relevance(model, torch.full((1, 3, 32, 32), float("nan")), "layer2", [0])
     with pytest.raises(DataError, match="shape"):
         circuit_relevance(model, torch.rand(3, 32, 32), "layer2", [0])
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,size", [(1, 2, 0, 7), (1, 2, 0, 8), (1, 3, 0, 10), (3, 2, 1, 7), (3, 1, 1, 6)]
+)
+def test_conv_backward_forms_equal_autograd(kernel, stride, padding, size):
+    """Every form the backward of a conv+BN takes (zero insertion after a 1x1 convolution for a
+    strided 1x1, transposed convolution otherwise) returns the input gradient autograd computes."""
+    from torch import nn
+
+    from purenn.arch import ConvBN
+    from purenn.relevance import _conv_back
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel, stride, padding, bias=False).double()
+    bn = nn.BatchNorm2d(5).double().eval()
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    x = torch.randn(3, 6, size, size + 1, dtype=torch.float64, requires_grad=True)
+    y = bn(conv(x))
+    g = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, g)
+    got = _conv_back(ConvBN(conv, bn), g[:, None], (size, size + 1))[:, 0]
+    torch.testing.assert_close(got, expected)

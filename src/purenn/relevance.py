@@ -72,21 +72,41 @@ def _hw(t: Tensor) -> tuple[int, int]:
 
 
 def _conv_back(cb: ConvBN, g: Tensor, in_hw: tuple[int, int]) -> Tensor:
-    """Backward of conv+BN for a dense gradient ``(N, G, C_out, H, W)`` -> ``(N, G, C_in, H_in, W_in)``."""
+    """Backward of conv+BN for a dense gradient ``(N, G, C_out, H, W)`` -> ``(N, G, C_in, H_in, W_in)``.
+
+    A strided 1x1 convolution (a downsample path) runs as a 1x1 convolution at the output
+    resolution followed by zero insertion, which CPU kernels compute about 1.4x faster than the
+    equivalent strided ``conv_transpose2d``; everything else is ``conv_transpose2d``.
+    """
     conv = cb.conv
     n_groups = g.shape[1]
     x = g.reshape(-1, g.shape[2], g.shape[3], g.shape[4])
-    out = F.conv_transpose2d(
-        x,
-        cb.folded_weight(),
-        None,
-        conv.stride,
-        conv.padding,
-        cb.output_padding(in_hw, _hw(g)),
-        conv.groups,
-        conv.dilation,
+    w = cb.folded_weight()
+    strided_pointwise = (
+        conv.kernel_size == (1, 1)
+        and conv.stride != (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
     )
+    if strided_pointwise:
+        out = _zero_insert(F.conv2d(x, w.transpose(0, 1).contiguous()), conv.stride, in_hw)
+    else:
+        out = F.conv_transpose2d(
+            x, w, None, conv.stride, conv.padding, cb.output_padding(in_hw, _hw(g)), conv.groups, conv.dilation
+        )
     return out.reshape(-1, n_groups, out.shape[1], out.shape[2], out.shape[3])
+
+
+def _zero_insert(y: Tensor, stride: tuple[int, int], out_hw: tuple[int, int]) -> Tensor:
+    """Place ``y[..., i, j]`` at ``[..., i * s_h, j * s_w]`` of a zero tensor of spatial size ``out_hw``."""
+    n, c, h, w = y.shape
+    sh, sw = stride
+    if sh > 1:
+        y = F.pad(y[:, :, :, None, :], (0, 0, 0, sh - 1)).reshape(n, c, h * sh, w)
+    if sw > 1:
+        y = F.pad(y[..., None], (0, sw - 1)).reshape(n, c, y.shape[2], w * sw)
+    return y[:, :, : out_hw[0], : out_hw[1]]
 
 
 def _onehot(neurons: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
@@ -192,8 +212,11 @@ def _pair_bytes(recs: Sequence[BlockRecord], a_up: Tensor) -> int:
     return a_up.element_size() * (sum(elems) + 4 * max(elems))
 
 
-def _chunk(total_bytes_per_item: int, max_memory: int) -> int:
-    return max(1, int(max_memory // max(1, total_bytes_per_item)))
+def _chunk(total_bytes_per_item: int, max_memory: int, n: int) -> int:
+    """Items per chunk: within ``max_memory``, with the ``n`` items split into chunks of equal size."""
+    limit = max(1, int(max_memory // max(1, total_bytes_per_item)))
+    n_chunks = -(-max(1, n) // limit)
+    return -(-max(1, n) // n_chunks)
 
 
 def iter_grid_relevance(
@@ -211,8 +234,8 @@ def iter_grid_relevance(
     """
     masks = _grid_masks(recs, a_up.dtype)
     a_up5 = a_up[:, None]
-    chunk = _chunk(_pair_bytes(recs, a_up) * max(1, int(a_up.shape[0])), max_memory)
     n = int(neurons.shape[0])
+    chunk = _chunk(_pair_bytes(recs, a_up) * max(1, int(a_up.shape[0])), max_memory, n)
     for s in range(0, n, chunk):
         nk = neurons[s : s + chunk]
         a_sel = a_target[:, nk].clamp(min=0)
@@ -245,19 +268,23 @@ def pair_relevance(
 
     ``sample_idx`` indexes the batch dimension of ``a_up``/``a_target``/``recs``.
     """
-    chunk = _chunk(_pair_bytes(recs, a_up), max_memory)
+    n = int(sample_idx.shape[0])
+    chunk = _chunk(_pair_bytes(recs, a_up), max_memory, n)
     dtype = a_up.dtype
+    # masks once per batch, gathered per pair below
+    acts = [[(a > 0).to(dtype) for a in r.acts] for r in recs]
+    outs = [(r.out > 0).to(dtype) for r in recs]
     out = []
-    for s in range(0, int(sample_idx.shape[0]), chunk):
+    for s in range(0, n, chunk):
         si, ni = sample_idx[s : s + chunk], neuron_idx[s : s + chunk]
         masks = [
             SegmentMasks(
-                acts=[(a[si] > 0).to(dtype)[None] for a in r.acts],
-                out=(r.out[si] > 0).to(dtype)[None],
+                acts=[a[si][None] for a in acts[j]],
+                out=outs[j][si][None],
                 in_hw=_hw(r.inp),
                 act_hw=[_hw(a) for a in r.acts],
             )
-            for r in recs
+            for j, r in enumerate(recs)
         ]
         a_sel = a_target[si, ni].clamp(min=0)[None]
         out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None])[0])
