@@ -49,3 +49,14 @@ def test_errors():
         CircuitKMeans(6).fit(np.zeros((1, 5, 2)))
     with pytest.raises(ConfigError, match="shape"):
         CircuitKMeans(2).fit(np.zeros((5, 2)))
+
+
+def test_auto_never_keeps_a_cluster_without_references():
+    from purenn.cluster import drop_empty_clusters
+
+    centres, labels = drop_empty_clusters(np.array([[0.0, 0], [1, 1], [2, 2]]), np.array([0, 2, 2, 0]))
+    assert centres.tolist() == [[0, 0], [2, 2]] and labels.tolist() == [0, 1, 1, 0]
+    # two distinct points repeated: k-means with 3 or 4 clusters has empty ones; "auto" must drop them
+    x = np.repeat(np.array([[1.0, 0, 0], [0, 1.0, 0]]), 6, axis=0)[None]
+    km = CircuitKMeans("auto", max_clusters=4, random_state=0).fit(np.concatenate([x, x[:, ::-1]]))
+    assert (km.counts_ > 0).sum(1).tolist() == km.n_clusters_.tolist() == [2, 2]

@@ -156,3 +156,15 @@ def test_cached_classifier(tmp_path):
     assert not hit3 and path3 != path
     _, path4, _ = cached_classifier("tiny", build, ds.subset(range(16)), **kw)
     assert path4 not in (path, path3)
+
+
+@pytest.mark.parametrize("n_images", [8, 20, 36])  # 2, 5 and 9 steps: too few for a one-cycle warm-up
+def test_train_classifier_with_few_steps(n_images):
+    from purenn.datasets import train_classifier
+
+    ds = planted_concepts(n_images, classes=[0, 1], size=12)
+    m = small_image_resnet(blocks=[1, 1, 1, 1], stem_stride=2, num_classes=1)
+    before = [p.detach().clone() for p in m.parameters()]
+    train_classifier(m, ds, epochs=1, batch_size=4, seed=0, progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, NotFittedError
 
-__all__ = ["CircuitKMeans", "SCORES", "contrast_score"]
+__all__ = ["CircuitKMeans", "SCORES", "contrast_score", "drop_empty_clusters"]
 
 SCORES = ("silhouette", "contrast")
 
@@ -50,6 +50,21 @@ def contrast_score(centres: np.ndarray, labels: np.ndarray) -> float:
     cos = unit @ unit.T
     sep = float((1 - cos[np.triu_indices(c, 1)]).mean())
     return float(c * counts.min() / counts.sum() * sep)
+
+
+def drop_empty_clusters(centres: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Remove centres that no label uses (k-means leaves them when there are fewer distinct points
+    than clusters) and renumber the labels; a virtual neuron without references is never wanted.
+
+    Example:
+        >>> c, lab = drop_empty_clusters(np.array([[0.0], [5.0], [9.0]]), np.array([2, 0, 2]))
+        >>> c.ravel().tolist(), lab.tolist()
+        ([0.0, 9.0], [1, 0, 1])
+    """
+    used = np.unique(labels)
+    if len(used) == len(centres):
+        return centres, labels
+    return centres[used], np.searchsorted(used, labels)
 
 
 class CircuitKMeans:
@@ -142,6 +157,8 @@ class CircuitKMeans:
             self.gaps_[i] = gaps[best]
             if gaps[best] < self.min_gap:
                 centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(x.shape[1], dtype=np.int64)
+            else:
+                centres, labels = drop_empty_clusters(centres, labels)
             fits.append((centres, labels, score))
         return fits
 

@@ -421,7 +421,10 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * ((len(dataset) + batch_size - 1) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    if steps >= 10:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    else:  # too few steps for a warm-up phase (OneCycleLR divides by its length)
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     model.train()
     bar = tqdm(total=steps, desc="train", unit="step", disable=not progress, leave=False)
     for _ in range(epochs):
