@@ -14,36 +14,19 @@ largest magnitude), gate agreement, file sizes and times.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torchvision
-from torch import nn
 
 import purenn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import calibrated  # noqa: E402
+
 MODELS = ("resnet18", "resnet50", "resnext50_32x4d", "adapted_stem")
-
-
-def calibrated(name: str, size: tuple[int, int], seed: int = 0) -> nn.Module:
-    """Random-weight ResNet with BatchNorm statistics from random images; ``adapted_stem`` is resnet18
-    with a 3x3 stride-1 stem and no max-pool."""
-    torch.manual_seed(seed)
-    if name == "adapted_stem":
-        model = torchvision.models.resnet18(num_classes=10)
-        model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        model.maxpool = nn.Identity()
-    else:
-        model = getattr(torchvision.models, name)(num_classes=10)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, *size, generator=torch.Generator().manual_seed(seed + 1)))
-    return model.eval()
 
 
 def main() -> None:

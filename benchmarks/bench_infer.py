@@ -9,6 +9,11 @@ neuron (``pm._run(x, all_gates=True, pool="mean")``), the counted FLOPs of both
 (torch.utils.flop_counter), and prints overhead / estimate. It also checks that the gates equal
 those of a chunk-per-neuron evaluation.
 
+With ``--onnx`` (the default) it exports each purified model (``purenn.export_onnx``, verified) and
+times ONNX Runtime (CPU provider, as many intra-op threads as torch uses) against PyTorch eager on
+the same batch, both computing logits, gates and pooled pure features, and reports how many gates
+agree.
+
     python benchmarks/bench_infer.py                     # resnet50, 112x112, batch 8, K = 8, 32, 128
     python benchmarks/bench_infer.py --smoke             # seconds; used by CI
 """
@@ -19,7 +24,9 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -28,7 +35,7 @@ import purenn
 from purenn.arch import ResNetSpec
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_fit import calibrated  # noqa: E402
+from _common import calibrated  # noqa: E402
 
 
 def flops(fn) -> int:
@@ -49,6 +56,32 @@ def timeit_pair(base, other, repeat: int) -> tuple[float, float]:
     return statistics.median(tb), statistics.median(to)
 
 
+def onnx_vs_eager(pm, x, layer: str, repeat: int) -> dict:
+    """Latency of the exported graph in ONNX Runtime vs ``pm`` in PyTorch eager, same outputs."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        report = purenn.export_onnx(pm, path, tuple(x.shape[1:]), batch_sizes=(1, 2))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    names = [o.name for o in sess.get_outputs()]
+    with torch.no_grad():
+        t_eager, t_ort = timeit_pair(
+            lambda: pm._run(x, all_gates=True, pool="mean"), lambda: sess.run(None, feed), repeat
+        )
+        gates = pm.gates(x)[layer].numpy()
+    ort_gates = dict(zip(names, sess.run(None, feed)))[f"gate.{layer}"]
+    return {
+        "t_eager_purified_ms": round(1e3 * t_eager, 1), "t_onnxruntime_ms": round(1e3 * t_ort, 1),
+        "onnxruntime_over_eager": round(t_ort / t_eager, 3), "export_verified": bool(report.ok),
+        "onnx_gate_agreement": float((ort_gates == gates).mean()),
+    }
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50")
@@ -57,6 +90,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX Runtime comparison")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -104,6 +138,8 @@ def main(argv=None) -> list[dict]:
                 "counted_overhead_flops_over_K_segment": round((f_pure - f_model) / (k * f_seg), 3),
                 "gates_equal_per_neuron_evaluation": same,
             }
+            if a.onnx:
+                row.update(onnx_vs_eager(pm, x, layer, a.repeat))
             print(json.dumps(row))
             rows.append(row)
     if a.json:
