@@ -144,19 +144,20 @@ class CircuitKMeans:
     def _fit_all(self, x: np.ndarray, c: int | str, candidates: list[int]) -> list:
         fits = []
         for i in tqdm(range(len(x)), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
-            tries = [self._split(x[i], cc) for cc in candidates]
+            xi = np.asarray(x[i], dtype=np.float64)  # one neuron at a time: no float64 copy of all circuits
+            tries = [self._split(xi, cc) for cc in candidates]
             if self.score == "contrast":
                 tries = [(cen, lab, contrast_score(cen, lab), sil) for cen, lab, _, sil in tries]
             if c != "auto":
                 fits.append(tries[0][:3])
                 continue
-            null = self._null_sample(x[i], i)
+            null = self._null_sample(xi, i)
             gaps = [t[3] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
             best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
             centres, labels, score = tries[best][:3]
             self.gaps_[i] = gaps[best]
             if gaps[best] < self.min_gap:
-                centres, labels = x[i].mean(axis=0, keepdims=True), np.zeros(x.shape[1], dtype=np.int64)
+                centres, labels = xi.mean(axis=0, keepdims=True), np.zeros(x.shape[1], dtype=np.int64)
             else:
                 centres, labels = drop_empty_clusters(centres, labels)
             fits.append((centres, labels, score))
@@ -164,7 +165,9 @@ class CircuitKMeans:
 
     def fit(self, circuits: np.ndarray) -> CircuitKMeans:
         """Fit on ``circuits`` of shape ``(K, n, D)``: ``n`` reference circuits for each of ``K`` neurons."""
-        x = np.asarray(circuits, dtype=np.float64)
+        x = np.asarray(circuits)
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
         if x.ndim != 3:
             raise ConfigError(f"circuits must have shape (neurons, references, features), got {x.shape}.")
         k, n, d = x.shape

@@ -72,7 +72,8 @@ def fit_circuits(
     record = {j for p in plans for j in range(p.up_position + 1, p.position + 1)}
     pairs = {p.layer: _sorted_pairs(ref_idx[p.layer]) for p in plans}
     neuron_t = {p.layer: torch.tensor(p.neurons, dtype=torch.long) for p in plans}
-    results: dict[str, list[tuple[Tensor, Tensor]]] = {p.layer: [] for p in plans}
+    # each chunk's relevance goes straight to its rows: no per-chunk list and no concatenated copy
+    out: dict[str, Tensor] = {}
     bar = tqdm(total=len(all_ids), desc="circuit relevance", unit="img", disable=not progress, leave=False)
     with torch.no_grad():
         for s in range(0, len(all_ids), batch_size):
@@ -104,15 +105,10 @@ def fit_circuits(
                     neurons,
                     max_memory,
                 )
-                r = normalize_relevance(r, neurons, drop_self=p.skip_aware)
-                results[p.layer].append((order[a:b], r.cpu()))
+                r = normalize_relevance(r, neurons, drop_self=p.skip_aware).cpu()
+                if p.layer not in out:
+                    out[p.layer] = r.new_empty(len(p.neurons) * n_refs, r.shape[-1])
+                out[p.layer][order[a:b]] = r
             bar.update(len(ids))
     bar.close()
-    out = {}
-    for p in plans:
-        order = torch.cat([o for o, _ in results[p.layer]])
-        vals = torch.cat([v for _, v in results[p.layer]])
-        flat = torch.empty_like(vals)
-        flat[order] = vals
-        out[p.layer] = flat.reshape(len(p.neurons), n_refs, -1)
-    return out
+    return {p.layer: out[p.layer].reshape(len(p.neurons), n_refs, -1) for p in plans}
