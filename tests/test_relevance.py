@@ -137,14 +137,17 @@ def test_bad_arguments():
 @pytest.mark.parametrize(
     "kernel,stride,padding,size", [(1, 2, 0, 7), (1, 2, 0, 8), (1, 3, 0, 10), (3, 2, 1, 7), (3, 1, 1, 6)]
 )
-def test_conv_backward_forms_equal_autograd(kernel, stride, padding, size):
+@pytest.mark.parametrize("exporting", [False, True])
+def test_conv_backward_forms_equal_autograd(kernel, stride, padding, size, exporting, monkeypatch):
     """Every form the backward of a conv+BN takes (zero insertion after a 1x1 convolution for a
-    strided 1x1, transposed convolution otherwise) returns the input gradient autograd computes."""
+    strided 1x1, a convolution with the flipped weight for stride 1 in an ONNX export, transposed
+    convolution otherwise) returns the input gradient autograd computes."""
     from torch import nn
 
     from purenn.arch import ConvBN
     from purenn.relevance import _conv_back
 
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting)
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 5, kernel, stride, padding, bias=False).double()
     bn = nn.BatchNorm2d(5).double().eval()
