@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torchvision
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def calibrated(name: str, size: int | tuple[int, int], seed: int = 0) -> nn.Module:
@@ -25,3 +26,10 @@ def calibrated(name: str, size: int | tuple[int, int], seed: int = 0) -> nn.Modu
     with torch.no_grad():
         model(torch.rand(8, 3, *hw, generator=torch.Generator().manual_seed(seed + 1)))
     return model.eval()
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter`` counts them."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

@@ -40,7 +40,7 @@ from purenn.arch import ResNetSpec
 from purenn.relevance import DEFAULT_MAX_MEMORY
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import calibrated  # noqa: E402
+from _common import calibrated, count_flops  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -130,12 +130,6 @@ class StageTimer:
             setattr(purify_module, name, fn)
 
 
-def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def purify(model, data, a, neurons, upstream):
     return purenn.purify_model(
         model, [a.layer], data, n_refs=a.refs, neurons={a.layer: neurons}, upstream={a.layer: upstream},
@@ -197,7 +191,6 @@ def main(argv=None) -> dict:
         "max_memory_mb": a.max_memory_mb, "cache_memory_mb": a.cache_memory_mb,
         "torch_threads": torch.get_num_threads(),
     }
-    del timer.results["relevance"]
 
     if not a.skip_reference:
         m = a.neurons if a.reference_neurons is None else max(1, min(a.neurons, a.reference_neurons))

@@ -29,19 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import purenn
 from purenn.arch import ResNetSpec
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import calibrated  # noqa: E402
-
-
-def flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
+from _common import calibrated, count_flops  # noqa: E402
 
 
 def timeit_pair(base, other, repeat: int) -> tuple[float, float]:
@@ -108,7 +101,7 @@ def main(argv=None) -> list[dict]:
     data = torch.rand(24, 3, a.size, a.size, generator=torch.Generator().manual_seed(2))
     x = torch.rand(a.batch, 3, a.size, a.size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        f_model = flops(lambda: model(x))
+        f_model = count_flops(lambda: model(x))
     rows = []
     for layer in a.layers.split(","):
         up = spec.default_upstream(layer)
@@ -122,7 +115,7 @@ def main(argv=None) -> list[dict]:
             return h
 
         with torch.no_grad():
-            f_seg = flops(segment)
+            f_seg = count_flops(segment)
         for k in [int(v) for v in a.k.split(",")]:
             pm = purenn.purify_model(
                 model, [layer], data, n_refs=4, neurons={layer: list(range(k))}, progress=False, cache_memory=0
@@ -130,7 +123,7 @@ def main(argv=None) -> list[dict]:
             with torch.no_grad():
                 run = lambda pm=pm: pm._run(x, all_gates=True, pool="mean")  # noqa: E731
                 t_base, t_pure = timeit_pair(lambda: model(x), run, a.repeat)
-                f_pure = flops(run)
+                f_pure = count_flops(run)
                 gates = pm.gates(x)[layer]
                 budget, pm.max_memory = pm.max_memory, 1  # one neuron per chunk: the plain evaluation order
                 same = bool(torch.equal(gates, pm.gates(x)[layer]))
