@@ -8,7 +8,7 @@ It then reports, per gate, the planted-pair ARI of every model, its mean and sta
 over models, and a one-sided Wilcoxon signed-rank test on the planted neurons of all models
 pooled, against each activation baseline (the largest p is reported as "p vs best baseline").
 
-    python benchmarks/fashion_planted_seeds.py --seeds 0,1,2,3,4   # per seed ~8 min training + ~25 min (2 CPU cores)
+    python benchmarks/fashion_planted_seeds.py --seeds 0,1,2,3,4   # per model ~8 min training + ~25 min (2 CPU cores)
     python benchmarks/fashion_planted_seeds.py --smoke --seeds 0,1 # tiny models and data, < 2 min
     python benchmarks/fashion_planted_seeds.py --from-runs DIR/runs.json  # aggregate finished models
 
