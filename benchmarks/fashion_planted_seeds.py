@@ -103,7 +103,8 @@ def aggregate(runs: list[dict]) -> dict:
                 if bk not in runs[0]["per_neuron"]:
                     continue
                 base = np.concatenate([planted_values(r, bk) for r in runs])
-                tests[b] = paired_test(pooled, base)
+                ok = np.isfinite(pooled) & np.isfinite(base)  # a neuron without a score is left out of the pair
+                tests[b] = paired_test(pooled[ok], base[ok])
                 wins[b] = int(sum(m > np.nanmean(planted_values(r, bk)) for m, r in zip(per_model, runs)))
             row["p_pooled"] = tests
             row["models_above"] = wins
