@@ -34,6 +34,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 import purenn
 from purenn.cluster import CircuitKMeans
+from purenn.collect import References
 from purenn.data import DataSource
 from purenn.datasets import (
     SUPERCLASS_PAIRS,
@@ -132,6 +134,49 @@ def neuron_sets(ref_labels: np.ndarray, superclass_of: np.ndarray, min_share: fl
     mixed = mix[np.arange(len(mix)), second] >= min_share
     planted = mixed & (superclass_of[first] == superclass_of[second])
     return mixed, planted
+
+
+@dataclass
+class Prepared:
+    """A trained model with the references and neuron sets every section works on."""
+
+    model: torch.nn.Module
+    acc: float
+    fit: ConceptDataset
+    fit_sub: ConceptDataset  # the images among the evaluated neurons' fit references
+    refs_fit: References
+    refs_test: References
+    mixed_fit: np.ndarray
+    channels: list[int]  # the evaluated (mixed) neurons, ascending
+    planted_ch: list[int]
+
+
+def prepare(a: argparse.Namespace, train: ConceptDataset, test: ConceptDataset) -> Prepared | None:
+    """Train or load the model (``a.seed``), collect fit and test references and pick the mixed and
+    planted neurons; ``None`` when no neuron is mixed."""
+    with torch.enable_grad():
+        model = load_model(a, train)
+    acc = accuracy(model, test)
+    log(f"superclass test accuracy {acc:.4f}")
+    fit = train.head(a.n_fit)
+    sup = train.superclass_of.numpy()
+    refs_fit = held_out_references(model, fit, "layer4", a.n_refs, batch_size=256)
+    refs_test = held_out_references(model, test, "layer4", a.n_refs, batch_size=256)
+    mixed_fit, _ = neuron_sets(fit.fine.numpy()[refs_fit.indices.numpy()], sup, a.min_share)
+    mixed_test, planted_test = neuron_sets(test.fine.numpy()[refs_test.indices.numpy()], sup, a.min_share)
+    log(f"references collected; mixed neurons: fit {mixed_fit.sum()}, test {mixed_test.sum()}; "
+        f"planted (test) {planted_test.sum()}")
+    # planted neurons first, so a --max-neurons cut keeps them
+    channels = sorted(np.flatnonzero(mixed_test).tolist(), key=lambda c: (not planted_test[c], c))[: a.max_neurons]
+    planted_ch = [c for c in channels if planted_test[c]]
+    channels = sorted(channels)
+    if not channels:
+        log("no mixed neurons: nothing to evaluate")
+        return None
+    # references of the evaluated neurons all lie in this subset, so purifying on it finds the same
+    # references as purifying on all of `fit`, with a shorter streaming pass
+    fit_sub = fit.subset(torch.unique(refs_fit.indices[channels]).tolist())
+    return Prepared(model, acc, fit, fit_sub, refs_fit, refs_test, mixed_fit, channels, planted_ch)
 
 
 # ------------------------------------------------------------------------------------- sections
@@ -363,32 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     train, test = load_data(a)
     log(f"data: {train.source}, {len(train)} train / {len(test)} test; superclasses {train.superclass_names()}")
-    with torch.enable_grad():
-        model = load_model(a, train)
-    acc = accuracy(model, test)
-    log(f"superclass test accuracy {acc:.4f}")
-    fit = train.head(a.n_fit)
-    sup = train.superclass_of.numpy()
-    refs_fit = held_out_references(model, fit, "layer4", a.n_refs, batch_size=256)
-    refs_test = held_out_references(model, test, "layer4", a.n_refs, batch_size=256)
-    mixed_fit, _ = neuron_sets(fit.fine.numpy()[refs_fit.indices.numpy()], sup, a.min_share)
-    mixed_test, planted_test = neuron_sets(test.fine.numpy()[refs_test.indices.numpy()], sup, a.min_share)
-    log(f"references collected; mixed neurons: fit {mixed_fit.sum()}, test {mixed_test.sum()}; "
-        f"planted (test) {planted_test.sum()}")
-    # planted neurons first, so a --max-neurons cut keeps them
-    channels = sorted(np.flatnonzero(mixed_test).tolist(), key=lambda c: (not planted_test[c], c))[: a.max_neurons]
-    planted_ch = [c for c in channels if planted_test[c]]
-    channels = sorted(channels)
-    if not channels:
-        log("no mixed neurons: nothing to evaluate")
+    st = prepare(a, train, test)
+    if st is None:
         return 1
-
-    scores = score_validation(model, fit, refs_fit, mixed_fit, a)
-    # references of the evaluated neurons all lie in this subset, so purifying on it finds the same
-    # references as purifying on all of `fit`, with a shorter streaming pass
-    union = torch.unique(refs_fit.indices[channels]).tolist()
-    fit_sub = fit.subset(union)
-    results, models = disentangle(model, fit_sub, test, refs_test, channels, planted_ch, a)
+    model, acc, fit, fit_sub, channels, planted_ch = st.model, st.acc, st.fit, st.fit_sub, st.channels, st.planted_ch
+    scores = score_validation(model, fit, st.refs_fit, st.mixed_fit, a)
+    results, models = disentangle(model, fit_sub, test, st.refs_test, channels, planted_ch, a)
     summary = summarise(results, planted_ch)
     contrast = np.array(scores["layer4"]["contrast"]["scores"])
     top = np.sort(np.argsort(-contrast, kind="stable")[: a.probe_neurons]).tolist()

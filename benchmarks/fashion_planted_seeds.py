@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_planted as fp  # noqa: E402
 
-from purenn.metrics import held_out_references, paired_test  # noqa: E402
+from purenn.metrics import paired_test  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,29 +54,19 @@ def parse_args(argv: list[str] | None = None):
     return a
 
 
-def run_seed(a, train, test) -> dict:
-    """The disentanglement and score sections of ``fashion_planted.py`` for one trained model."""
-    with torch.enable_grad():
-        model = fp.load_model(a, train)
-    acc = fp.accuracy(model, test)
-    fit = train.head(a.n_fit)
-    sup = train.superclass_of.numpy()
-    refs_fit = held_out_references(model, fit, "layer4", a.n_refs, batch_size=256)
-    refs_test = held_out_references(model, test, "layer4", a.n_refs, batch_size=256)
-    mixed_fit, _ = fp.neuron_sets(fit.fine.numpy()[refs_fit.indices.numpy()], sup, a.min_share)
-    mixed_test, planted_test = fp.neuron_sets(test.fine.numpy()[refs_test.indices.numpy()], sup, a.min_share)
-    channels = sorted(np.flatnonzero(mixed_test).tolist(), key=lambda c: (not planted_test[c], c))[: a.max_neurons]
-    planted_ch = [c for c in channels if planted_test[c]]
-    channels = sorted(channels)
-    fp.log(f"seed {a.seed}: accuracy {acc:.4f}; mixed {len(channels)}, planted {len(planted_ch)}")
-    scores = fp.score_validation(model, fit, refs_fit, mixed_fit, a)
-    union = torch.unique(refs_fit.indices[channels]).tolist()
-    results, _ = fp.disentangle(model, fit.subset(union), test, refs_test, channels, planted_ch, a)
-    summary = fp.summarise(results, planted_ch)
+def run_seed(a, train, test) -> dict | None:
+    """The disentanglement and score sections of ``fashion_planted.py`` for one trained model
+    (``None`` when it has no mixed neurons)."""
+    st = fp.prepare(a, train, test)
+    if st is None:
+        return None
+    scores = fp.score_validation(st.model, st.fit, st.refs_fit, st.mixed_fit, a)
+    results, _ = fp.disentangle(st.model, st.fit_sub, test, st.refs_test, st.channels, st.planted_ch, a)
+    summary = fp.summarise(results, st.planted_ch)
     for s in scores.values():
         for v in s.values():
             v.pop("scores")
-    return {"seed": a.seed, "accuracy": acc, "planted": planted_ch, "summary": summary, "scores": scores,
+    return {"seed": a.seed, "accuracy": st.acc, "planted": st.planted_ch, "summary": summary, "scores": scores,
             "per_neuron": results}
 
 
@@ -159,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             a.seed = seed
             torch.manual_seed(seed)
             t = time.time()
-            runs.append(run_seed(a, train, test))
+            run = run_seed(a, train, test)
+            if run is None:
+                return 1
+            runs.append(run)
             fp.log(f"seed {seed} done ({time.time() - t:.0f}s)")
             # keep what is done: a long run that stops early still leaves its finished models
             (a.out / "runs.json").write_text(json.dumps(runs, indent=1, default=float))
