@@ -1,7 +1,7 @@
 """Export a :class:`~purenn.PurifiedModel` to ONNX and verify it in ONNX Runtime.
 
 The graph has one input ``input`` ``(batch, C, H, W)`` (the batch axis is dynamic, the image
-size fixed) and the outputs
+size fixed) and, by default (``outputs=("logits", "pure", "gate")``), the outputs
 
 - ``logits`` ``(batch, num_classes)``;
 - ``pure.<layer>`` per purified layer: pooled pure features ``(batch, V)`` (``pool="mean"`` or
@@ -11,8 +11,13 @@ size fixed) and the outputs
 
 The circuit relevance and the nearest-centroid gate are part of the graph (plain convolutions,
 transposed convolutions, masks, an ArgMin), and suppressed virtual neurons are baked in as zero
-merge weights. ``onnx.checker`` (full check) runs on the file, then ONNX Runtime is compared with
-PyTorch on random inputs of several batch sizes, an all-zero batch and any inputs you give.
+merge weights. With ``"pure"`` or ``"gate"`` among the outputs every split neuron is gated. With
+``outputs=("logits",)`` (an unlearned model that only has to classify) the graph gates only the
+neurons whose virtual neurons have unequal merge weights, i.e. those with a suppression that changes
+the logits, exactly as ``pm(x)`` does; with nothing suppressed it costs what the base model costs.
+``onnx.checker`` (full check) runs on the file, then ONNX Runtime is compared with PyTorch (on the
+outputs the graph has) on random inputs of several batch sizes, an all-zero batch and any inputs
+you give.
 
 Exporter: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``), opset 17 by
 default. The purified forward decides in Python, from its own buffers (cluster counts, merge
@@ -25,6 +30,9 @@ Example:
     >>> report = purenn.export_onnx(pm, "pure.onnx", input_shape=(3, 224, 224))   # doctest: +SKIP
     >>> report.ok, report.max_abs_logits                                            # doctest: +SKIP
     (True, 3.1e-06)
+    >>> pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])                   # doctest: +SKIP
+    >>> purenn.export_onnx(pm, "unlearned.onnx", (3, 224, 224), outputs=("logits",)).outputs  # doctest: +SKIP
+    ('logits',)
 """
 
 from __future__ import annotations
@@ -51,18 +59,48 @@ from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
 from .surgery import POOLS, PurifiedModel
 
-__all__ = ["EXPORTERS", "DEFAULT_OPSET", "ParityCheck", "ExportReport", "export_onnx", "default_providers",
-           "output_names"]
+__all__ = ["EXPORTERS", "OUTPUTS", "DEFAULT_OPSET", "ParityCheck", "ExportReport", "export_onnx",
+           "default_providers", "output_names", "check_outputs"]
 
 EXPORTERS = ("torchscript",)
+#: the kinds of output a graph can have, in graph order; ``"logits"`` is always among them
+OUTPUTS = ("logits", "pure", "gate")
 DEFAULT_OPSET = 17
 _MIN_OPSET, _MAX_OPSET = 13, 20  # ArgMin/ReduceSum semantics used here; the TorchScript exporter's maximum
 INPUT_NAME = "input"
 
 
-def output_names(pm: PurifiedModel) -> list[str]:
-    """Output names of the exported graph, in order: ``logits``, ``pure.<layer>``..., ``gate.<layer>``..."""
-    return ["logits", *[f"pure.{name}" for name in pm.layers], *[f"gate.{name}" for name in pm.layers]]
+def check_outputs(outputs: Any) -> tuple[str, ...]:
+    """Validate an ``outputs`` choice of :func:`export_onnx` and return it in graph order.
+
+    ``outputs`` is a tuple or list of distinct names from :data:`OUTPUTS` that contains
+    ``"logits"``; anything else raises :class:`~purenn.errors.ConfigError`.
+
+    Example:
+        >>> check_outputs(["gate", "logits"])
+        ('logits', 'gate')
+    """
+    allowed = ", ".join(repr(o) for o in OUTPUTS)
+    if not isinstance(outputs, (tuple, list)) or not all(isinstance(o, str) for o in outputs):
+        raise ConfigError(
+            f"outputs must be a tuple or list of names from {allowed} that contains 'logits', such as "
+            f"('logits',), got {outputs!r}."
+        )
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ConfigError(f"unknown outputs {unknown}; allowed: {allowed} (with 'logits' always among them).")
+    if len(set(outputs)) != len(outputs):
+        raise ConfigError(f"outputs {list(outputs)} names an output twice; allowed: {allowed}.")
+    if "logits" not in outputs:
+        raise ConfigError(f"outputs must contain 'logits', got {list(outputs)}; allowed: {allowed}.")
+    return tuple(o for o in OUTPUTS if o in outputs)
+
+
+def output_names(pm: PurifiedModel, outputs: Sequence[str] = OUTPUTS) -> list[str]:
+    """Output names of the exported graph, in order: ``logits``, ``pure.<layer>``..., ``gate.<layer>``...
+    (only the kinds in ``outputs``)."""
+    kinds = check_outputs(outputs)
+    return ["logits", *[f"{kind}.{name}" for kind in kinds[1:] for name in pm.layers]]
 
 
 def default_providers() -> list[str]:
@@ -123,20 +161,35 @@ def _ieee_fp32(device: torch.device) -> Iterator[None]:
 
 
 class _Exported(nn.Module):
-    """``x -> (logits, pure features..., gates...)``: the purified forward with every gate computed."""
+    """``x -> (logits, pure features..., gates...)`` (the kinds in ``outputs``): with pure features or
+    gates, the purified forward with every gate computed; logits alone, the forward of ``pm(x)``,
+    which gates only the neurons whose suppression depends on the gate."""
 
-    def __init__(self, pm: PurifiedModel, pool: str | None) -> None:
+    def __init__(self, pm: PurifiedModel, pool: str | None, outputs: tuple[str, ...] = OUTPUTS) -> None:
         super().__init__()
         self.pm = pm
         self.pool = pool
+        self.outputs = outputs
         self.names = list(pm.layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        logits, gates, feats = self.pm._run(x, all_gates=True, pool=self.pool)
-        return (logits, *[feats[n] for n in self.names], *[gates[n] for n in self.names])
+        return _forward(self.pm, x, self.outputs, self.pool)
 
     def train(self, mode: bool = True) -> _Exported:  # the exporter restores the mode it found
         return super().train(False)
+
+
+def _forward(pm: PurifiedModel, x: Tensor, outputs: tuple[str, ...], pool: str | None) -> tuple[Tensor, ...]:
+    """The graph's outputs in PyTorch: what is traced, and the reference the parity check uses."""
+    if outputs == ("logits",):
+        return (pm._run(x, all_gates=False)[0],)
+    logits, gates, feats = pm._run(x, all_gates=True, pool=pool if "pure" in outputs else False)
+    out = [logits]
+    if "pure" in outputs:
+        out += [feats[n] for n in pm.layers]
+    if "gate" in outputs:
+        out += [gates[n] for n in pm.layers]
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -146,8 +199,10 @@ class ParityCheck:
 
     ``max_abs_*`` are the largest absolute differences, ``rel_*`` the same divided by the output's
     largest magnitude. Pure features of a neuron whose gates differ by a tie are left out of the
-    feature comparison. ``gate_ties`` counts gate differences where the two chosen centroids are
-    equally near (within ``tie_rtol``); ``gate_errors`` counts the others.
+    feature comparison (without a gate output: of a neuron whose gate could differ by a tie, when
+    the features differ). ``gate_ties`` counts gate differences where the two chosen centroids are
+    equally near (within ``tie_rtol``); ``gate_errors`` counts the others. The feature and gate
+    dictionaries hold the purified layers when the graph has that output, else nothing.
     """
 
     name: str
@@ -174,6 +229,7 @@ class ExportReport:
 
     ``ok`` is ``True`` when every check passed (logits and pure features within ``rtol`` of the
     largest magnitude, gates equal except ties, everything finite), ``None`` without verification.
+    ``outputs`` holds the graph's output names (see :func:`output_names`); the checks compare those.
     """
 
     path: Path
@@ -213,22 +269,25 @@ class ExportReport:
 
     def summary(self) -> str:
         """A plain-text table of the checks."""
+        kinds = sorted({o.split(".")[0] for o in self.outputs}, key=OUTPUTS.index)
         lines = [
             f"{self.path} ({self.file_bytes / 2**20:.1f} MiB): exporter={self.exporter}, opset={self.opset}, "
-            f"input=(batch, {', '.join(map(str, self.input_shape))}), pool={self.pool}, "
-            f"providers={list(self.providers)}",
+            f"input=(batch, {', '.join(map(str, self.input_shape))}), outputs={','.join(kinds)}, "
+            f"pool={self.pool}, providers={list(self.providers)}",
         ]
         for c in self.checks:
-            feats = ", ".join(
-                f"{n} {c.max_abs_features[n]:.2e} ({c.rel_features[n]:.1e})" for n in c.max_abs_features
-            )
-            gates = ", ".join(
-                f"{n} {c.gate_agreement(n):.4f}" + (f" ({c.gate_ties[n]} ties)" if c.gate_ties[n] else "")
-                for n in c.gate_count
-            )
+            parts = [f"|dlogits| {c.max_abs_logits:.2e} ({c.rel_logits:.1e})"]
+            if c.max_abs_features:
+                parts.append("|dfeatures| " + ", ".join(
+                    f"{n} {c.max_abs_features[n]:.2e} ({c.rel_features[n]:.1e})" for n in c.max_abs_features
+                ))
+            if c.gate_count:
+                parts.append("gates equal " + ", ".join(
+                    f"{n} {c.gate_agreement(n):.4f}" + (f" ({c.gate_ties[n]} ties)" if c.gate_ties[n] else "")
+                    for n in c.gate_count
+                ))
             lines.append(
-                f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: |dlogits| {c.max_abs_logits:.2e} "
-                f"({c.rel_logits:.1e}); |dfeatures| {feats}; gates equal {gates}"
+                f"  {'ok  ' if c.passed else 'FAIL'} {c.name}: " + "; ".join(parts)
                 + ("" if c.finite else "; NON-FINITE values")
             )
         if not self.checks:
@@ -263,17 +322,23 @@ def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any)
     return shape  # type: ignore[return-value]
 
 
-def _onnx_metadata(pm: PurifiedModel, pool: str | None, shape: tuple[int, int, int]) -> str:
+def _onnx_metadata(pm: PurifiedModel, pool: str | None, shape: tuple[int, int, int],
+                   outputs: tuple[str, ...] = OUTPUTS) -> str:
+    """The ``purenn`` metadata entry: version, pool, input shape, output names and per layer its neurons,
+    cluster counts, virtual channels, suppressed virtual neurons and the channels gated in the graph."""
     layers = []
     for name in pm.layers:
         pl = pm.pure_layer(name)
+        gated = pl.neurons[pl.gated_neurons(subset_only=outputs == ("logits",))]
         layers.append({
             "layer": name, "upstream": pl.upstream, "neurons": pl.neurons.tolist(),
             "n_clusters": pl.n_clusters.tolist(), "virtual_channels": pl.v_channel.tolist(),
             "suppressed": torch.nonzero(pl.merge_weight == 0).flatten().tolist(),
+            "gated": gated.tolist(),
         })
     return json.dumps({"purenn_version": __version__, "pool": pool, "input_shape": list(shape),
-                       "outputs": output_names(pm), "layers": layers}, separators=(",", ":"))
+                       "outputs": output_names(pm, outputs), "layers": layers},
+                      separators=(",", ":"))
 
 
 def _gate_distances(pm: PurifiedModel, x: Tensor, layer: str) -> Tensor:
@@ -310,58 +375,85 @@ def _gate_distances(pm: PurifiedModel, x: Tensor, layer: str) -> Tensor:
         return torch.where(valid[None], dist, torch.full_like(dist, math.inf)).cpu()
 
 
+def _diff(a: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> tuple[float, float, bool]:
+    """Largest absolute difference, the same relative to ``ref``'s largest magnitude, and whether it is
+    within ``rtol * scale + atol`` (NaN counts as an infinite difference)."""
+    if a.size == 0:
+        return 0.0, 0.0, True
+    d = np.abs(a.astype(np.float64) - ref.astype(np.float64))
+    d = np.where(np.isnan(d), np.inf, d)
+    scale = float(np.abs(ref).max())
+    worst = float(d.max())
+    rel = worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
+    return worst, rel, worst <= rtol * scale + atol
+
+
+def _near_ties(pm: PurifiedModel, x: Tensor, layer: str, chosen: np.ndarray, tie_rtol: float) -> np.ndarray:
+    """``(B, K)`` bool: another valid centroid is as near as the chosen one (within ``tie_rtol``)."""
+    dist = _gate_distances(pm, x, layer).numpy()
+    d_chosen = np.take_along_axis(dist, chosen[..., None], axis=-1)
+    close = np.abs(dist - d_chosen) <= tie_rtol * np.maximum(np.maximum(np.abs(dist), np.abs(d_chosen)), 1e-30)
+    others = np.ones(dist.shape, dtype=bool)
+    np.put_along_axis(others, chosen[..., None], False, axis=-1)
+    return (close & others & np.isfinite(dist)).any(axis=-1)
+
+
 def _compare(
     pm: PurifiedModel, session: Any, x: Tensor, name: str, pool: str | None, rtol: float, atol: float,
-    tie_rtol: float,
+    tie_rtol: float, outputs: tuple[str, ...] = OUTPUTS,
 ) -> ParityCheck:
     outs = session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})
-    with torch.no_grad():
-        logits, gates, feats = pm._run(x, all_gates=True, pool=pool)
     layers = pm.layers
     n = len(layers)
-    ort_logits, ort_feats, ort_gates = outs[0], outs[1 : 1 + n], outs[1 + n :]
+    with torch.no_grad():
+        if outputs == ("logits",):  # the graph computes pm(x), gating only what a suppression needs
+            logits, gates, feats = pm._run(x, all_gates=False)[0], {}, {}
+        else:
+            logits, gates, feats = pm._run(x, all_gates=True, pool=pool if "pure" in outputs else False)
+    ort_logits, rest = outs[0], list(outs[1:])
+    ort_feats = rest[:n] if "pure" in outputs else []
+    ort_gates = rest[-n:] if "gate" in outputs else []
     finite = bool(np.isfinite(ort_logits).all() and all(np.isfinite(f).all() for f in ort_feats))
     finite = finite and bool(torch.isfinite(logits).all())
 
-    def diff(a: np.ndarray, ref: np.ndarray) -> tuple[float, float, bool]:
-        if a.size == 0:
-            return 0.0, 0.0, True
-        d = np.abs(a.astype(np.float64) - ref.astype(np.float64))
-        d = np.where(np.isnan(d), np.inf, d)
-        scale = float(np.abs(ref).max())
-        worst = float(d.max())
-        rel = worst / scale if scale > 0 else (0.0 if worst == 0 else math.inf)
-        return worst, rel, worst <= rtol * scale + atol
-
-    max_l, rel_l, ok = diff(ort_logits, logits.cpu().numpy())
+    max_l, rel_l, ok = _diff(ort_logits, logits.cpu().numpy(), rtol, atol)
     max_f, rel_f, count, mism, ties, errs = {}, {}, {}, {}, {}, {}
-    for layer, of, og in zip(layers, ort_feats, ort_gates):
+    for i, layer in enumerate(layers):
         pl = pm.pure_layer(layer)
-        tg = gates[layer].cpu().numpy()
-        og = np.asarray(og)
-        if og.shape != tg.shape:
-            raise ExportError(f"gate.{layer} has shape {og.shape} in ONNX Runtime, {tg.shape} in PyTorch.")
-        bad = og != tg
-        n_ties = 0
-        if bad.any():
-            dist = _gate_distances(pm, x, layer).numpy()
-            for b, k in zip(*np.nonzero(bad)):
-                c_max = dist.shape[-1]
-                d_o = dist[b, k, og[b, k]] if 0 <= og[b, k] < c_max else math.inf
-                d_t = dist[b, k, tg[b, k]]
-                if math.isfinite(d_o) and abs(d_o - d_t) <= tie_rtol * max(abs(d_o), abs(d_t), 1e-30):
-                    n_ties += 1
-        count[layer], mism[layer] = int(tg.size), int(bad.sum())
-        ties[layer], errs[layer] = n_ties, int(bad.sum()) - n_ties
-        # leave out the virtual neurons of (sample, neuron) pairs whose gates differ
-        kpos = pl.v_kpos.cpu().numpy()
-        bad_ext = np.concatenate([bad, np.zeros((bad.shape[0], 1), dtype=bool)], axis=1)
-        keep = ~bad_ext[:, kpos]  # (B, V)
-        ref = feats[layer].cpu().numpy()
-        keep = keep.reshape(keep.shape + (1,) * (ref.ndim - 2))
-        keep = np.broadcast_to(keep, ref.shape)
-        max_f[layer], rel_f[layer], ok_f = diff(np.where(keep, of, 0), np.where(keep, ref, 0))
-        ok = ok and ok_f and errs[layer] == 0
+        tg = gates[layer].cpu().numpy() if gates else None
+        bad = None
+        if ort_gates:
+            og = np.asarray(ort_gates[i])
+            if og.shape != tg.shape:
+                raise ExportError(f"gate.{layer} has shape {og.shape} in ONNX Runtime, {tg.shape} in PyTorch.")
+            bad = og != tg
+            n_ties = 0
+            if bad.any():
+                dist = _gate_distances(pm, x, layer).numpy()
+                for b, k in zip(*np.nonzero(bad)):
+                    c_max = dist.shape[-1]
+                    d_o = dist[b, k, og[b, k]] if 0 <= og[b, k] < c_max else math.inf
+                    d_t = dist[b, k, tg[b, k]]
+                    if math.isfinite(d_o) and abs(d_o - d_t) <= tie_rtol * max(abs(d_o), abs(d_t), 1e-30):
+                        n_ties += 1
+            count[layer], mism[layer] = int(tg.size), int(bad.sum())
+            ties[layer], errs[layer] = n_ties, int(bad.sum()) - n_ties
+            ok = ok and errs[layer] == 0
+        if ort_feats:
+            of, ref = ort_feats[i], feats[layer].cpu().numpy()
+            max_f[layer], rel_f[layer], ok_f = _diff(of, ref, rtol, atol)
+            if not ok_f or bad is not None:
+                # leave out the virtual neurons of (sample, neuron) pairs whose gates differ (or, without
+                # a gate output, could differ by a tie)
+                if bad is None:
+                    bad = _near_ties(pm, x, layer, tg, tie_rtol)
+                kpos = pl.v_kpos.cpu().numpy()
+                bad_ext = np.concatenate([bad, np.zeros((bad.shape[0], 1), dtype=bool)], axis=1)
+                keep = ~bad_ext[:, kpos]  # (B, V)
+                keep = keep.reshape(keep.shape + (1,) * (ref.ndim - 2))
+                keep = np.broadcast_to(keep, ref.shape)
+                max_f[layer], rel_f[layer], ok_f = _diff(np.where(keep, of, 0), np.where(keep, ref, 0), rtol, atol)
+            ok = ok and ok_f
     return ParityCheck(name, int(x.shape[0]), max_l, rel_l, max_f, rel_f, count, mism, ties, errs, finite,
                        bool(ok and finite))
 
@@ -406,6 +498,7 @@ def export_onnx(
     path: str | os.PathLike,
     input_shape: Sequence[int] = (3, 224, 224),
     *,
+    outputs: Sequence[str] = OUTPUTS,
     pool: str | None = "mean",
     exporter: str = "torchscript",
     opset: int = DEFAULT_OPSET,
@@ -427,14 +520,23 @@ def export_onnx(
         path: the ``.onnx`` file to write (atomically: it appears only once exported, checked and,
             with ``strict``, verified).
         input_shape: ``(C, H, W)`` of the images; the graph is specialised to this size.
-        pool: ``"mean"`` or ``"max"`` for pooled pure features ``(batch, V)``, ``None`` for maps.
+        outputs: which outputs the graph has: a tuple or list of ``"logits"``, ``"pure"`` (pure
+            features ``pure.<layer>``) and ``"gate"`` (gates ``gate.<layer>``) that contains
+            ``"logits"`` (default all three). With pure features or gates every split neuron is
+            gated. ``("logits",)`` gives the graph of ``pm(x)``: only neurons whose virtual neurons
+            have unequal merge weights (a suppression the gate decides on) are gated, so an
+            unlearned model costs only what its suppressions need, and one with nothing
+            suppressed costs what the base model costs.
+        pool: ``"mean"`` or ``"max"`` for pooled pure features ``(batch, V)``, ``None`` for maps
+            (used with ``"pure"`` in ``outputs``).
         exporter: ``"torchscript"`` (``torch.onnx.export(..., dynamo=False)``); see the module
             docstring for why not ``dynamo=True``.
         opset: ONNX opset (13..20).
         max_memory: bytes of relevance intermediates per sample and chunk in the graph (default
             ``pm.max_memory``); a batch of B uses about B times this. Smaller means more, smaller
             chunks (a larger graph).
-        verify: compare ONNX Runtime with PyTorch (else only ``onnx.checker`` runs).
+        verify: compare ONNX Runtime with PyTorch on the outputs the graph has (else only
+            ``onnx.checker`` runs); logits-only graphs are compared with ``pm(x)``.
         inputs: extra verification inputs: a tensor/array ``(B, C, H, W)`` or ``(C, H, W)``, or a list.
         batch_sizes: batch sizes of the random verification inputs (uniform in [0, 1)); an all-zero
             batch of the largest size is checked too.
@@ -454,8 +556,14 @@ def export_onnx(
     Example:
         >>> report = purenn.export_onnx(pm, "pure.onnx", input_shape=(3, 224, 224))   # doctest: +SKIP
         >>> print(report.summary())                                                     # doctest: +SKIP
+        >>> pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])                   # doctest: +SKIP
+        >>> report = purenn.export_onnx(pm, "unlearned.onnx", input_shape=(3, 224, 224),
+        ...                             outputs=("logits",))                            # doctest: +SKIP
+        >>> report.outputs                                                              # doctest: +SKIP
+        ('logits',)
     """
     shape = _check_args(pm, input_shape, pool, exporter, opset)
+    kinds = check_outputs(outputs)
     for name, v in (("rtol", rtol), ("atol", atol), ("tie_rtol", tie_rtol)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise ConfigError(f"{name} must be a non-negative number, got {v!r}.")
@@ -473,8 +581,8 @@ def export_onnx(
 
     import onnx
 
-    names = output_names(pm)
-    wrapper = _Exported(pm, pool).eval()
+    names = output_names(pm, kinds)
+    wrapper = _Exported(pm, pool, kinds).eval()
     trace_batch = 2
     example = torch.rand(trace_batch, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -498,7 +606,7 @@ def export_onnx(
         pm.max_memory = saved_budget
         model = onnx.load(str(tmp))
         entry = model.metadata_props.add()
-        entry.key, entry.value = "purenn", _onnx_metadata(pm, pool, shape)
+        entry.key, entry.value = "purenn", _onnx_metadata(pm, pool, shape, kinds)
         onnx.save(model, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
@@ -510,7 +618,7 @@ def export_onnx(
             session = ort.InferenceSession(str(tmp), providers=_verification_providers(providers))
             with _ieee_fp32(device):
                 for name, x in cases:
-                    checks.append(_compare(pm, session, x, name, pool, rtol, atol, tie_rtol))
+                    checks.append(_compare(pm, session, x, name, pool, rtol, atol, tie_rtol, kinds))
             used = tuple(session.get_providers())
         else:
             used = tuple(p if isinstance(p, str) else p[0] for p in providers)
