@@ -200,6 +200,18 @@ def test_export_and_probe_the_onnx_file(capsys, files, purified, tmp_path):
     assert code == 3 and "--image-size 32" in err
 
 
+def test_export_logits_only(capsys, purified, tmp_path):
+    onnx_path = tmp_path / "lean.onnx"
+    code, out, _ = run(capsys, "export", purified, onnx_path, "--input-shape", "3,32,32", "--outputs", "logits", "-q")
+    assert code == 0 and onnx_path.is_file()
+    assert "verified with ONNX Runtime" in out and "FAIL" not in out
+    assert "outputs: logits\n" in out
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+
+
 # ------------------------------------------------------------------------------------------ errors
 @pytest.fixture(scope="module")
 def bad_inputs(files) -> dict[str, Path]:
@@ -252,6 +264,10 @@ ERRORS = [
     (["export", "{pure}", "{root}/x.onnx", "--input-shape", "1,32,32"], 3, "channels"),
     (["export", "{pure}", "{root}/x.txt", "--input-shape", "3,32,32"], 3, "must end in .onnx"),
     (["export", "{pure}", "{root}/no/x.onnx", "--input-shape", "3,32,32"], 3, "does not exist"),
+    (["export", "{pure}", "{root}/x.onnx", "--input-shape", "3,32,32", "--outputs", "logits,probs"], 3,
+     "allowed: 'logits', 'pure', 'gate'"),
+    (["export", "{pure}", "{root}/x.onnx", "--input-shape", "3,32,32", "--outputs", "gate"], 3,
+     "must contain 'logits'"),
     (["show", "{pure}", "--data", "{images}", "--neuron", "99"], 3, "not a purified channel"),
     (["show", "{pure}", "--data", "{images}", "--layer", "layer2"], 3, "not purified"),
     (["show", "{pure}", "--data", "{images}", "--image-size", "32", "--limit", "2"], 3, "same data"),

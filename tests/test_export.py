@@ -285,6 +285,120 @@ def test_bad_arguments(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def op_counts(path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_logits_only_export_of_an_unlearned_model(tmp_path):
+    """The logits-only graph computes pm(x), suppression included, and nothing else."""
+    model, pm = purified("resnet18")
+    path = tmp_path / "unlearned.onnx"
+    report = purenn.export_onnx(pm, path, input_shape=SHAPE, outputs=("logits",), batch_sizes=(1, 3))
+    assert report.ok and report.outputs == ("logits",)
+    assert all(not c.max_abs_features and not c.gate_count for c in report.checks)
+    assert "|dfeatures|" not in report.summary() and "outputs=logits," in report.summary()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert session.get_outputs()[0].shape[0] == "batch"
+    x = images(5, seed=43)
+    got = torch.from_numpy(run_onnx(session, x)["logits"])
+    with torch.no_grad():
+        want, base = pm(x), model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert (got - base).abs().max() > 1e-3  # the suppression is baked in
+    meta = json.loads(onnx.load(str(path), load_external_data=False).metadata_props[0].value)
+    assert meta["outputs"] == ["logits"]
+    gated = {e["layer"]: e["gated"] for e in meta["layers"]}
+    assert gated == {"layer4": [16], "layer3.1": []}  # channel 8 is off whatever its gate: only 16 gates
+
+
+def test_logits_only_graph_gates_only_suppressed_neurons(tiny, tmp_path):
+    """One neuron with a suppressed virtual neuron: with one relevance chunk per neuron (max_memory=1) the
+    logits-only graph has one gate where the full graph has one per purified neuron (8 + 2), and the
+    transposed convolutions of one layer4 segment backward where the full graph has 8 of them (+ 2 of layer3)."""
+    model, pm = tiny
+    full, lean = tmp_path / "full.onnx", tmp_path / "lean.onnx"
+    with pm.suppress("layer4", [pm.virtual_index("layer4", 2, 1)]):
+        assert purenn.export_onnx(pm, full, input_shape=(3, 32, 32), max_memory=1, verify=False).ok is None
+        report = purenn.export_onnx(pm, lean, input_shape=(3, 32, 32), outputs=["logits"], max_memory=1,
+                                    batch_sizes=(2,))
+        assert report.ok
+    n_full, n_lean = op_counts(full), op_counts(lean)
+    assert n_full["ArgMin"] == 10 and n_lean["ArgMin"] == 1
+    assert n_lean["ConvTranspose"] >= 1 and n_full["ConvTranspose"] >= 8 * n_lean["ConvTranspose"]
+    assert sum(n_lean.values()) < sum(n_full.values()) / 3
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_logits_only_graph_without_suppression_is_the_base_model(tiny, tmp_path):
+    model, pm = tiny
+    path, base_path = tmp_path / "lean.onnx", tmp_path / "base.onnx"
+    assert purenn.export_onnx(pm, path, input_shape=(3, 32, 32), outputs=("logits",), batch_sizes=(2,)).ok
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.rand(2, 3, 32, 32),), str(base_path), dynamo=False,
+                          input_names=["input"], output_names=["logits"])
+    counts, base = op_counts(path), op_counts(base_path)
+    assert "ArgMin" not in counts and "ConvTranspose" not in counts
+    assert counts["Conv"] == base["Conv"]
+    x = images(3, seed=44, size=(32, 32))
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(torch.from_numpy(run_onnx(path, x)["logits"]), want, rtol=1e-4,
+                               atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("outputs", [("logits", "pure"), ("gate", "logits")])
+def test_partial_outputs(tiny, tmp_path, outputs):
+    model, pm = tiny
+    path = tmp_path / "partial.onnx"
+    report = purenn.export_onnx(pm, path, input_shape=(3, 32, 32), outputs=outputs, batch_sizes=(2,))
+    kind = "pure" if "pure" in outputs else "gate"
+    names = ["logits", *[f"{kind}.{layer}" for layer in pm.layers]]
+    assert report.ok and list(report.outputs) == names
+    assert bool(report.checks[0].max_abs_features) == (kind == "pure")
+    assert bool(report.checks[0].gate_count) == (kind == "gate")
+    x = images(3, seed=45, size=(32, 32))
+    out = run_onnx(path, x)
+    assert list(out) == names
+    logits, gates, feats = torch_outputs(pm, x)
+    ref = feats if kind == "pure" else gates
+    for layer in pm.layers:
+        torch.testing.assert_close(torch.from_numpy(out[f"{kind}.{layer}"]), ref[layer], rtol=1e-4,
+                                   atol=1e-4 * float(ref[layer].abs().max()))
+    meta = json.loads(onnx.load(str(path), load_external_data=False).metadata_props[0].value)
+    assert meta["outputs"] == names
+
+
+def test_near_ties_without_gate_output(tiny):
+    """Without a gate output, pure features are compared leaving out neurons whose two nearest centroids
+    tie; two equal centroids make every sample a tie for that neuron."""
+    model, pm = tiny
+    pm = copy.deepcopy(pm)
+    pl = pm.pure_layer("layer4")
+    with torch.no_grad():
+        pl.centroids[2, 1] = pl.centroids[2, 0]
+    x = images(4, seed=46, size=(32, 32))
+    gates = pm.gates(x)["layer4"].numpy()
+    ties = purenn.export._near_ties(pm, x, "layer4", gates, 1e-3)
+    assert ties.shape == gates.shape and ties[:, 2].all()
+
+
+def test_bad_outputs(tiny, tmp_path):
+    model, pm = tiny
+    path = tmp_path / "x.onnx"
+    for outputs in ("logits", ("pure", "gate"), (), ("logits", "probs"), ["logits", "logits"], ("logits", 1)):
+        with pytest.raises(ConfigError, match="'logits', 'pure', 'gate'"):
+            purenn.export_onnx(pm, path, input_shape=(3, 32, 32), outputs=outputs)
+    assert list(tmp_path.iterdir()) == []
+    assert purenn.export.check_outputs(["gate", "logits"]) == ("logits", "gate")
+
+
 def test_readme_snippet_runs_without_torch(tiny, tmp_path):
     """The README's ONNX Runtime snippet runs with onnxruntime and numpy only (torch cannot be imported)."""
     model, pm = tiny
