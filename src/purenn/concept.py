@@ -1,0 +1,366 @@
+"""Concept-driven purification: split the neurons that carry a concept into a concept part and the rest.
+
+PURE splits a neuron by clustering the circuits of its top references, without knowing which
+concept a user cares about. To remove a concept (for example a Clever-Hans artifact such as a
+watermark) the split should instead separate *that* concept from what else the neuron does.
+Given a few labelled examples, images with the concept (``concept``) and without it (``other``),
+ideally the same images with and without an artifact:
+
+1. :func:`rank_concept_channels` ranks a layer's channels by how much the concept raises their
+   mean activation (the concept's effect);
+2. :func:`purify_concept` splits the chosen channels into two virtual neurons each, ``k.0`` (the
+   rest) and ``k.1`` (the concept), with the two centroids fitted on the gate features (circuit
+   relevance by default) of the ``other`` and ``concept`` examples: the activation-weighted mean
+   of each group, so examples on which the neuron is silent do not pull the centroids;
+3. :func:`concept_virtual_indices` lists the ``k.1`` virtual neurons; suppressing them
+   (``pm.suppress``) removes the concept's path through those channels on inputs whose circuit
+   looks like the concept's, and leaves every other input untouched.
+
+The result is an ordinary :class:`~purenn.PurifiedModel`: it saves, loads and exports like any
+other, with the suppression baked in.
+
+Example:
+    >>> import torch, torchvision, purenn
+    >>> from purenn.concept import purify_concept, concept_virtual_indices
+    >>> model = torchvision.models.resnet18(num_classes=3).eval()
+    >>> clean = torch.rand(8, 3, 32, 32)
+    >>> stamped = clean.clone(); stamped[:, :, :6, :6] = 3.0
+    >>> pm = purify_concept(model, "layer4", stamped, clean, neurons=4)
+    >>> handle = pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))
+    >>> pm(clean).shape
+    torch.Size([8, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .arch import ResNetSpec
+from .data import DataSource
+from .errors import ConfigError, DataError, LayerError
+from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, gate_features
+from .purify import _check_forward, _check_int, _plan_layers
+from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
+from .surgery import PureLayer, PurifiedModel
+
+__all__ = [
+    "CONCEPT_CLUSTER",
+    "ConceptChannels",
+    "rank_concept_channels",
+    "concept_gate_features",
+    "purify_concept",
+    "concept_virtual_indices",
+]
+
+#: the cluster of a concept-purified neuron that stands for the concept (cluster 0 is the rest)
+CONCEPT_CLUSTER = 1
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return model.base_model if isinstance(model, PurifiedModel) else model
+
+
+def _images(data: Any, what: str, batch_size: int) -> DataSource:
+    if data is None:
+        raise DataError(f"{what} examples are required: a Tensor (N, C, H, W), a Dataset or a DataLoader.")
+    source = DataSource.from_data(data, batch_size)
+    if len(source) == 0:
+        raise DataError(f"{what} holds no examples.")
+    return source
+
+
+def _pooled(spec: ResNetSpec, source: DataSource, position: int, device: torch.device) -> Tensor:
+    """``(N, C)`` spatially mean-pooled activations at ``position``."""
+    out = []
+    with torch.no_grad():
+        for _, x in source.batches():
+            acts, _ = spec.run_until(x.to(device), {position})
+            out.append(acts[position].mean(dim=(-2, -1)).double().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class ConceptChannels:
+    """Channels of ``layer`` ranked by the concept's effect on their mean activation.
+
+    ``channels`` are sorted by decreasing ``effect``; ``effect[c]`` is the mean pooled activation of
+    channel ``c`` on the concept examples minus that on the other examples (for every channel, in
+    channel order); ``relative[c]`` divides it by the channel's mean over both groups.
+    """
+
+    layer: str
+    channels: list[int]
+    effect: np.ndarray = field(repr=False)
+    relative: np.ndarray = field(repr=False)
+
+    def top(self, n: int) -> list[int]:
+        """The ``n`` channels with the largest positive effect, in ascending channel order."""
+        n = _check_int("n", n, 1)
+        pos = [c for c in self.channels if self.effect[c] > 0][:n]
+        return sorted(pos)
+
+
+def rank_concept_channels(
+    model: nn.Module,
+    layer: str,
+    concept: Any,
+    other: Any,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> ConceptChannels:
+    """Rank the channels of ``layer`` by how much ``concept`` examples raise their mean activation
+    over ``other`` examples.
+
+    Args:
+        model: a torchvision ResNet or a :class:`~purenn.PurifiedModel` (its base model is used).
+        layer: a stage or block output, e.g. ``"layer4"``.
+        concept: images with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
+        other: images without it (ideally the same images without the concept).
+        batch_size: images per forward pass.
+        device: where to compute (default: the model's device).
+
+    Example:
+        >>> ranked = rank_concept_channels(model, "layer4", stamped, clean)   # doctest: +SKIP
+        >>> ranked.top(16)                                                      # doctest: +SKIP
+    """
+    base = _base(model)
+    spec = ResNetSpec(base)
+    pos = spec.position(layer)
+    if pos == 0:
+        raise LayerError("rank the channels of a stage or block output, not of the stem.")
+    device = _device(base, device)
+    with _eval(base):
+        return _rank(spec, layer, pos, _images(concept, "concept", batch_size), _images(other, "other", batch_size),
+                     device)
+
+
+def _rank(
+    spec: ResNetSpec, layer: str, pos: int, concept: DataSource, other: DataSource, device: torch.device
+) -> ConceptChannels:
+    a = _pooled(spec, concept, pos, device).mean(dim=0)
+    b = _pooled(spec, other, pos, device).mean(dim=0)
+    effect = (a - b).numpy()
+    relative = effect / np.maximum((a + b).numpy() / 2, 1e-12)
+    order = np.argsort(-effect, kind="stable")
+    return ConceptChannels(layer, order.tolist(), effect, relative)
+
+
+class _eval:
+    """Run a module in eval mode and put its mode back afterwards (the caller's module is not changed)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.modes = module, None
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes or []:
+            m.training = mode
+
+
+def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    p = next(model.parameters(), None)
+    here = p.device if p is not None else torch.device("cpu")
+    if device is not None and torch.device(device) != here:
+        raise ConfigError(
+            f"the model is on {here} but device={device!r}; move the model first (purenn does not move "
+            "a model it was given)."
+        )
+    return here
+
+
+def concept_gate_features(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    neurons: Sequence[int],
+    *,
+    upstream: str | None = None,
+    gate: str = "circuit",
+    gate_weight: float = 0.5,
+    skip_aware: bool = False,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> tuple[Tensor, Tensor]:
+    """Gate features ``(B, K, D)`` of ``neurons`` on ``x`` and their activation mass ``(B, K)``.
+
+    The features are what a :class:`~purenn.PureLayer` with this ``gate`` compares with its
+    centroids (the normalised circuit relevance for ``"circuit"``); the mass is the spatial sum of
+    each neuron's positive activation.
+    """
+    base = _base(model)
+    spec = ResNetSpec(base)
+    pos = spec.position(layer)
+    up = spec.position(upstream if upstream is not None else spec.default_upstream(layer))
+    nt = torch.as_tensor(list(neurons), dtype=torch.long, device=x.device)
+    circuit = gate in CIRCUIT_GATES
+    with torch.no_grad():
+        acts, recs = spec.run_until(x, {up, pos}, set(range(up + 1, pos + 1)) if circuit else set())
+        a_t = acts[pos]
+        mass = a_t[:, nt].clamp(min=0).sum(dim=(-2, -1))
+        if circuit:
+            raw = grid_relevance(spec.segment(up, pos), [recs[j] for j in range(up + 1, pos + 1)], acts[up], a_t,
+                                 nt, max_memory)
+            feat = normalize_relevance(raw, nt, drop_self=skip_aware)
+            if gate == "circuit+map":
+                feat = combine_features(feat, gate_features("map", acts[up], a_t, nt), gate_weight)
+        else:
+            feat = gate_features(gate, acts[up], a_t, nt)
+            if feat.ndim == 2:
+                feat = feat[:, None].expand(-1, len(nt), -1)
+    return feat, mass
+
+
+def _weighted_mean(feat: Tensor, mass: Tensor) -> Tensor:
+    """``(K, D)`` mass-weighted mean of ``(N, K, D)`` features; plain mean where the mass is zero."""
+    w = mass.double()
+    total = w.sum(dim=0)
+    plain = feat.double().mean(dim=0)
+    weighted = (feat.double() * w[:, :, None]).sum(dim=0) / total.clamp(min=1e-30)[:, None]
+    return torch.where((total > 0)[:, None], weighted, plain)
+
+
+def _features_of(
+    base: nn.Module, source: DataSource, plan: Any, gate: str, gate_weight: float, device: torch.device,
+    max_memory: int,
+) -> tuple[Tensor, Tensor]:
+    feats, masses = [], []
+    for _, x in source.batches():
+        f, m = concept_gate_features(
+            base, x.to(device), plan.layer, plan.neurons, upstream=plan.upstream, gate=gate, gate_weight=gate_weight,
+            skip_aware=plan.skip_aware and gate in CIRCUIT_GATES, max_memory=max_memory,
+        )
+        feats.append(f.cpu())
+        masses.append(m.cpu())
+    return torch.cat(feats), torch.cat(masses)
+
+
+def purify_concept(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    concept: Any,
+    other: Any,
+    *,
+    neurons: int | Mapping[str, Sequence[int] | int] = 32,
+    upstream: Mapping[str, str] | None = None,
+    gate: str = "circuit",
+    gate_weight: float = 0.5,
+    skip_aware: bool | str = "auto",
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> PurifiedModel:
+    """Split the neurons that carry a concept into a concept virtual neuron and the rest.
+
+    Each chosen neuron ``k`` gets two virtual neurons: ``k.0`` with the centroid of the ``other``
+    examples' gate features and ``k.1`` (:data:`CONCEPT_CLUSTER`) with that of the ``concept``
+    examples, each the mean weighted by the neuron's activation mass on the example. At inference
+    the nearest centroid decides, as for any purified neuron; the logits stay equal to the
+    original's until ``k.1`` is suppressed (:func:`concept_virtual_indices`).
+
+    Args:
+        model: a trained torchvision ResNet in eval mode (never modified).
+        layers: target layer(s), e.g. ``"layer4"`` or ``["layer3", "layer4"]``.
+        concept: examples with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
+        other: examples without it; the same images without the concept work best.
+        neurons: an integer ``N`` (per layer) takes the ``N`` channels the concept raises most
+            (:func:`rank_concept_channels`); ``{layer: [channels]}`` or ``{layer: N}`` per layer.
+        upstream: ``{layer: upstream_layer}`` to override the default upstream.
+        gate: what the gate compares: ``"circuit"`` (PURE's circuit relevance, default),
+            ``"circuit+map"``, or a forward-only gate of :mod:`purenn.gating`.
+        gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
+        skip_aware: as in :func:`purenn.purify_model`.
+        batch_size: images per forward pass.
+        device: must be the model's device if given (the model is not moved).
+        max_memory: bytes of intermediate tensors per relevance chunk.
+
+    Returns:
+        A :class:`~purenn.PurifiedModel` whose purified neurons each have the two virtual neurons
+        ``k.0`` (rest) and ``k.1`` (concept); their ``scores`` are the concept's effect on the
+        neuron's mean activation, and ``ref_counts`` how many of the given examples the gate sends
+        to each.
+
+    Example:
+        >>> pm = purify_concept(model, "layer4", stamped, clean, neurons=16)         # doctest: +SKIP
+        >>> pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))            # doctest: +SKIP
+    """
+    base = model
+    if isinstance(model, PurifiedModel):
+        raise ConfigError("purify_concept takes the original model; pass pm.unload().")
+    spec = ResNetSpec(base)
+    gate = check_gate(gate)
+    gate_weight = check_gate_weight(gate_weight)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0:
+        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if isinstance(neurons, Mapping):
+        extra = sorted(set(neurons) - set(names))
+        if extra:
+            raise LayerError(f"neurons names layers that are not being purified: {extra}; layers={names}.")
+        request = {n: neurons.get(n, 32) for n in names}
+    else:
+        request = {n: neurons for n in names}
+    for n, v in request.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer, Sequence)) or isinstance(v, str):
+            raise ConfigError(f"neurons for {n!r} must be a count or a list of channels, got {v!r}.")
+    plans = _plan_layers(spec, names, {n: list(range(spec.channels(spec.position(n)))) for n in names},
+                         upstream, skip_aware)
+    c_src = _images(concept, "concept", batch_size)
+    o_src = _images(other, "other", batch_size)
+    device = _device(base, device)
+    dtype = next(base.parameters()).dtype
+    with _eval(base):
+        _check_forward(spec, base, c_src.fetch([0]).to(device))
+        layers_out = []
+        for p in plans:
+            want = request[p.layer]
+            if isinstance(want, (int, np.integer)):
+                count = _check_int(f"neurons for {p.layer!r}", want, 1)
+                ranked = _rank(spec, p.layer, p.position, c_src, o_src, device)
+                chosen = ranked.top(min(count, spec.channels(p.position)))
+                if not chosen:
+                    raise DataError(f"the concept raises no channel of {p.layer!r}; check the examples.")
+            else:
+                chosen = sorted({int(c) for c in want})
+                if not chosen or chosen[0] < 0 or chosen[-1] >= spec.channels(p.position):
+                    raise ConfigError(f"channels of {p.layer!r} must be in 0..{spec.channels(p.position) - 1}.")
+            p = type(p)(p.layer, p.upstream, p.position, p.up_position, tuple(chosen), p.skip_aware)
+            fc, mc = _features_of(base, c_src, p, gate, gate_weight, device, int(max_memory))
+            fo, mo = _features_of(base, o_src, p, gate, gate_weight, device, int(max_memory))
+            centroids = torch.stack([_weighted_mean(fo, mo), _weighted_mean(fc, mc)], dim=1)  # (K, 2, D)
+            effect = mc.double().mean(dim=0) - mo.double().mean(dim=0)
+            feats = torch.cat([fo, fc]).double()
+            d = ((feats[:, :, None, :] - centroids[None]) ** 2).sum(dim=-1)
+            assigned = d.argmin(dim=-1)  # (N, K)
+            counts = torch.stack([(assigned == c).sum(dim=0) for c in range(2)], dim=1)
+            k = len(chosen)
+            layers_out.append(
+                PureLayer(
+                    layer=p.layer, upstream=p.upstream, channels=spec.channels(p.position), neurons=list(chosen),
+                    centroids=centroids.to(dtype), n_clusters=torch.full((k,), 2, dtype=torch.long),
+                    scores=effect.float(), ref_counts=counts, skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
+                    gate=gate, gate_weight=gate_weight,
+                ).to(device)
+            )
+    return PurifiedModel(base, layers_out, max_memory=int(max_memory))
+
+
+def concept_virtual_indices(pm: PurifiedModel, layer: str) -> list[int]:
+    """Virtual indices of the concept parts (``k.1``) of every split neuron of ``layer``.
+
+    Example:
+        >>> handle = pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))   # doctest: +SKIP
+    """
+    pl = pm.pure_layer(layer)
+    split = pl.neurons[pl.n_clusters > CONCEPT_CLUSTER].tolist()
+    return [pm.virtual_index(layer, c, CONCEPT_CLUSTER) for c in split]

@@ -1,0 +1,126 @@
+"""Concept-driven purification (purenn.concept): channel ranking, centroids, gates, suppression."""
+
+import pytest
+import torch
+
+import purenn
+from purenn.concept import (
+    CONCEPT_CLUSTER,
+    concept_gate_features,
+    concept_virtual_indices,
+    purify_concept,
+    rank_concept_channels,
+)
+from purenn.errors import ConfigError, DataError, LayerError
+
+from conftest import _output_of, autograd_relevance, tiny_resnet
+
+
+def _stamp(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[..., 1:6, 1:6] = 3.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = tiny_resnet(seed=3)
+    g = torch.Generator().manual_seed(5)
+    clean = torch.rand(12, 3, 32, 32, generator=g)
+    return model, clean, _stamp(clean)
+
+
+def test_rank_matches_mean_activation_difference(case):
+    model, clean, stamped = case
+    ranked = rank_concept_channels(model, "layer3", stamped, clean)
+    by_hand = (_output_of(model, "layer3", stamped).mean(dim=(2, 3)).mean(0)
+               - _output_of(model, "layer3", clean).mean(dim=(2, 3)).mean(0))
+    torch.testing.assert_close(torch.from_numpy(ranked.effect).float(), by_hand, rtol=1e-5, atol=1e-6)
+    assert ranked.channels == sorted(range(len(by_hand)), key=lambda c: (-ranked.effect[c], c))
+    top = ranked.top(5)
+    assert top == sorted(top) and len(top) == 5
+    assert set(top) == set(ranked.channels[:5]) and all(ranked.effect[c] > 0 for c in top)
+
+
+def test_centroids_are_mass_weighted_circuit_means(case):
+    model, clean, stamped = case
+    chans = rank_concept_channels(model, "layer4", stamped, clean).top(3)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans})
+    pl = pm.pure_layer("layer4")
+    assert pl.neurons.tolist() == chans and pl.n_clusters.tolist() == [2, 2, 2]
+    for group, cluster in ((clean, 0), (stamped, CONCEPT_CLUSTER)):
+        r = autograd_relevance(model.double(), group.double(), "layer4", "layer3", chans)  # (B, K, C_U)
+        a = _output_of(model, "layer4", group.double())[:, chans].clamp(min=0).sum(dim=(2, 3))  # (B, K)
+        model.float()
+        expect = (r * a[:, :, None]).sum(0) / a.sum(0)[:, None]
+        torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)
+    assert int(pl.ref_counts.sum()) == 3 * (len(clean) + len(stamped))
+
+
+def test_gate_separates_and_suppression_only_touches_concept_inputs(case):
+    model, clean, stamped = case
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=8)
+    x = torch.cat([clean, stamped])
+    assert torch.equal(pm(x), model(x))  # nothing suppressed: the original logits
+    feats, _ = concept_gate_features(model, x, "layer4", pm.pure_layer("layer4").neurons.tolist())
+    pl = pm.pure_layer("layer4")
+    d = ((feats[:, :, None] - pl.centroids[None]) ** 2).sum(-1)
+    gates = pm.gates(x)["layer4"]
+    assert torch.equal(gates, d.argmin(-1))  # the gate is the nearest centroid of those features
+    assert gates[len(clean):].float().mean() > gates[: len(clean)].float().mean()
+    idx = concept_virtual_indices(pm, "layer4")
+    assert len(idx) == 8 and all(pm.virtual_neurons[i].cluster == CONCEPT_CLUSTER for i in idx)
+    with pm.suppress("layer4", idx):
+        out = pm(x)
+        untouched = (gates == 0).all(dim=1)  # inputs whose gates all chose the rest
+        assert torch.equal(out[untouched], model(x)[untouched])
+        assert not torch.allclose(out[~untouched], model(x)[~untouched])
+    assert torch.equal(pm(x), model(x))
+
+
+def test_two_layers_save_load_roundtrip(case, tmp_path):
+    model, clean, stamped = case
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = purify_concept(model, ["layer3", "layer4"], stamped, clean, neurons={"layer3": 4, "layer4": 6},
+                        gate="circuit+map")
+    assert pm.layers == ["layer3", "layer4"]
+    pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))
+    pm.save(tmp_path / "c.safetensors")
+    pm2 = purenn.load_purified(tmp_path / "c.safetensors", model=tiny_resnet(seed=99))
+    x = torch.cat([clean, stamped])
+    assert torch.equal(pm2(x), pm(x))
+    assert torch.equal(pm2.gates(x)["layer3"], pm.gates(x)["layer3"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bad_inputs(case):
+    model, clean, stamped = case
+    with pytest.raises(DataError, match="concept"):
+        purify_concept(model, "layer4", None, clean)
+    with pytest.raises(DataError, match="other holds no"):
+        purify_concept(model, "layer4", stamped, clean[:0])
+    with pytest.raises(LayerError, match="not being purified"):
+        purify_concept(model, "layer4", stamped, clean, neurons={"layer3": 4})
+    with pytest.raises(ConfigError, match="0..511"):
+        purify_concept(model, "layer4", stamped, clean, neurons={"layer4": [512]})
+    with pytest.raises(ConfigError, match="neurons"):
+        purify_concept(model, "layer4", stamped, clean, neurons="many")
+    with pytest.raises(ConfigError, match="move the model"):
+        purify_concept(model, "layer4", stamped, clean, neurons=2, device="meta")
+    with pytest.raises(LayerError):
+        rank_concept_channels(model, "layer9", stamped, clean)
+    with pytest.raises(DataError, match="no channel"):
+        purify_concept(model, "layer4", clean, clean, neurons=4)  # no effect at all
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=2)
+    with pytest.raises(ConfigError, match="unload"):
+        purify_concept(pm, "layer4", stamped, clean)
+
+
+def test_rank_keeps_the_callers_mode(case):
+    model, clean, stamped = case
+    model.train()
+    try:
+        rank_concept_channels(model, "layer4", stamped, clean)
+        assert model.training and all(m.training for m in model.modules())
+    finally:
+        model.eval()
