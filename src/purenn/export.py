@@ -30,7 +30,7 @@ Example:
     >>> report = purenn.export_onnx(pm, "pure.onnx", input_shape=(3, 224, 224))   # doctest: +SKIP
     >>> report.ok, report.max_abs_logits                                            # doctest: +SKIP
     (True, 3.1e-06)
-    >>> pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])                   # doctest: +SKIP
+    >>> handle = pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])          # doctest: +SKIP
     >>> purenn.export_onnx(pm, "unlearned.onnx", (3, 224, 224), outputs=("logits",)).outputs  # doctest: +SKIP
     ('logits',)
 """
@@ -170,7 +170,6 @@ class _Exported(nn.Module):
         self.pm = pm
         self.pool = pool
         self.outputs = outputs
-        self.names = list(pm.layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return _forward(self.pm, x, self.outputs, self.pool)
@@ -180,7 +179,7 @@ class _Exported(nn.Module):
 
 
 def _forward(pm: PurifiedModel, x: Tensor, outputs: tuple[str, ...], pool: str | None) -> tuple[Tensor, ...]:
-    """The graph's outputs in PyTorch: what is traced, and the reference the parity check uses."""
+    """The graph's outputs in PyTorch (what is traced)."""
     if outputs == ("logits",):
         return (pm._run(x, all_gates=False)[0],)
     logits, gates, feats = pm._run(x, all_gates=True, pool=pool if "pure" in outputs else False)
@@ -556,7 +555,7 @@ def export_onnx(
     Example:
         >>> report = purenn.export_onnx(pm, "pure.onnx", input_shape=(3, 224, 224))   # doctest: +SKIP
         >>> print(report.summary())                                                     # doctest: +SKIP
-        >>> pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])                   # doctest: +SKIP
+        >>> handle = pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)])          # doctest: +SKIP
         >>> report = purenn.export_onnx(pm, "unlearned.onnx", input_shape=(3, 224, 224),
         ...                             outputs=("logits",))                            # doctest: +SKIP
         >>> report.outputs                                                              # doctest: +SKIP
