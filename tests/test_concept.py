@@ -124,3 +124,51 @@ def test_rank_keeps_the_callers_mode(case):
         assert model.training and all(m.training for m in model.modules())
     finally:
         model.eval()
+
+
+def test_shortcut_metrics_by_hand():
+    from purenn.unlearn import shortcut_metrics
+
+    class Fixed(torch.nn.Module):  # predicts the class stored in the image's first pixel
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float() + self.w
+
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    clean = torch.zeros(6, 1, 2, 2)
+    clean[:, 0, 0, 0] = torch.tensor([0.0, 1, 1, 2, 2, 0])  # 3 of 6 right; 1 of 4 others -> class 0
+    stamped = torch.zeros(6, 1, 2, 2)  # every stamped image -> class 0
+    m = shortcut_metrics(Fixed(), clean, y, stamped, y, target=0)
+    assert m == pytest.approx({"reliance": 1.0 - 0.25, "acc": 3 / 6, "acc_target": 0.5})
+    with pytest.raises(DataError, match="other than"):
+        shortcut_metrics(Fixed(), clean[:2], y[:2], stamped[:2], y[:2], target=0)
+    with pytest.raises(ConfigError, match="target"):
+        shortcut_metrics(Fixed(), clean, y, stamped, y, target=-1)
+
+
+def test_shortcut_report_compares_with_whole_channels(case):
+    from purenn.unlearn import shortcut_report
+
+    model, clean, stamped = case
+    y = model(clean).argmax(1)
+    target = int(model(stamped).argmax(1).mode().values)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=16)
+    with pytest.raises(DataError, match="no suppressed"):
+        shortcut_report(pm, clean, y, stamped, y, target)
+    pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))
+    w = pm.pure_layer("layer4").merge_weight.clone()
+    rep = shortcut_report(pm, clean, y, stamped, y, target)
+    assert torch.equal(pm.pure_layer("layer4").merge_weight, w)  # left as it was
+    assert rep.before["acc"] == 1.0  # labels are the original model's own predictions
+    chans = pm.pure_layer("layer4").neurons.tolist()
+    ablated = model.layer4.register_forward_hook(lambda m, i, o: o.index_fill(1, torch.tensor(chans), 0.0))
+    try:
+        from purenn.unlearn import shortcut_metrics
+
+        assert rep.whole == pytest.approx(shortcut_metrics(model, clean, y, stamped, y, target))
+    finally:
+        ablated.remove()
+    assert "whole channels off" in rep.summary()

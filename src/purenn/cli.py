@@ -1,4 +1,4 @@
-"""The ``purenn`` command: purify a ResNet, inspect, export, probe and draw the result.
+"""The ``purenn`` command: purify a ResNet, inspect, export, probe, draw and unlearn.
 
 Run ``purenn --help`` or ``purenn <command> --help``. The same entry point is
 ``python -m purenn``. :func:`main` returns the exit code instead of exiting, for use from Python.
@@ -442,8 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from .cluster import SCORES
-    from .gating import GATES
+    from ._choices import GATES, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -553,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", metavar="FILE.png", help="figure file (default MODEL_LAYER_NEURON.png)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_show)
+
+    from .cli_unlearn import add_parser as add_unlearn_parser
+
+    add_unlearn_parser(sub, _EPILOG, fmt)
     return parser
 
 

@@ -42,6 +42,9 @@ __all__ = [
     "suppress_concept",
     "group_accuracy",
     "unlearning_report",
+    "shortcut_metrics",
+    "ShortcutReport",
+    "shortcut_report",
 ]
 
 SHARE_METHODS = ("mass", "refs")
@@ -297,3 +300,138 @@ def unlearning_report(
     with pm.suppress(found.layer, whole):
         after_whole = acc()
     return UnlearningReport(found.concept, partner, before, after_virtual, after_whole, found)
+
+
+# ------------------------------------------------------------------------------ shortcuts (Clever Hans)
+def _predictions(model: Any, data: Any, batch_size: int) -> np.ndarray:
+    source = DataSource.from_data(data, batch_size)
+    p = next(model.parameters())
+    preds = []
+    with torch.no_grad():
+        for _, x in source.batches():
+            preds.append(model(x.to(device=p.device, dtype=p.dtype)).argmax(dim=1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def shortcut_metrics(
+    model: Any,
+    clean: Any,
+    clean_labels: Any,
+    artifact: Any,
+    artifact_labels: Any,
+    target: int,
+    *,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """How much ``model`` relies on an artifact that points to class ``target`` (a Clever-Hans shortcut).
+
+    Returns ``reliance``: the share of ``artifact`` images of other classes predicted as ``target``
+    minus the share of ``clean`` images of other classes predicted as ``target``; ``acc``: accuracy
+    on the clean images; ``acc_target``: accuracy on the clean images of class ``target``.
+
+    Args:
+        model: any classifier module (a ResNet, a :class:`~purenn.PurifiedModel`).
+        clean: images without the artifact (Tensor, Dataset or DataLoader) and ``clean_labels``.
+        clean_labels: their true classes.
+        artifact: images with the artifact (e.g. the clean ones stamped) and ``artifact_labels``,
+            their true classes.
+        artifact_labels: the true classes of the artifact images.
+        target: the class the artifact points to.
+        batch_size: images per forward pass.
+
+    Example:
+        >>> shortcut_metrics(model, x, y, stamp(x), y, target=0)        # doctest: +SKIP
+        {'reliance': 0.41, 'acc': 0.87, 'acc_target': 0.86}
+    """
+    yc = _labels(clean_labels, len(DataSource.from_data(clean, batch_size)))
+    ya = _labels(artifact_labels, len(DataSource.from_data(artifact, batch_size)))
+    if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0:
+        raise ConfigError(f"target must be a class index, got {target!r}.")
+    if not (yc != target).any() or not (ya != target).any():
+        raise DataError(f"both image sets need images of classes other than {target} to measure reliance.")
+    pc, pa = _predictions(model, clean, batch_size), _predictions(model, artifact, batch_size)
+    own = yc == target
+    return {
+        "reliance": float((pa[ya != target] == target).mean() - (pc[~own] == target).mean()),
+        "acc": float((pc == yc).mean()),
+        "acc_target": float((pc[own] == target).mean()) if own.any() else float("nan"),
+    }
+
+
+@dataclass
+class ShortcutReport:
+    """:func:`shortcut_metrics` of the original model (``before``), with the suppressions of the
+    purified model (``after``) and with every virtual neuron of the suppressed channels switched off
+    (``whole``: ablating those channels). ``removed``: the share of the reliance taken away."""
+
+    target: int
+    before: dict[str, float]
+    after: dict[str, float]
+    whole: dict[str, float]
+
+    def removed(self, whole: bool = False) -> float:
+        after = self.whole if whole else self.after
+        return 1 - after["reliance"] / self.before["reliance"] if self.before["reliance"] > 0 else float("nan")
+
+    def summary(self) -> str:
+        """A small table: reliance, reliance removed and accuracy costs per variant."""
+        lines = [f"{'':24s} {'reliance':>9s} {'removed':>8s} {'clean acc':>10s} {'acc of target':>14s}"]
+        for name, m, rem in (("original", self.before, 0.0), ("suppressed (purenn)", self.after, self.removed()),
+                             ("whole channels off", self.whole, self.removed(True))):
+            lines.append(f"{name:24s} {m['reliance']:9.3f} {rem:8.1%} {m['acc']:10.3f} {m['acc_target']:14.3f}")
+        return "\n".join(lines)
+
+
+def shortcut_report(
+    pm: Any,
+    clean: Any,
+    clean_labels: Any,
+    artifact: Any,
+    artifact_labels: Any,
+    target: int,
+    *,
+    batch_size: int = 256,
+) -> ShortcutReport:
+    """Compare the original model, ``pm`` with its current suppressions, and whole-channel ablation.
+
+    ``pm`` must have at least one suppressed virtual neuron; it is left as it was.
+
+    Example:
+        >>> pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))                # doctest: +SKIP
+        >>> print(shortcut_report(pm, x, y, stamp(x), y, target=0).summary())           # doctest: +SKIP
+    """
+    suppressed = {
+        name: torch.nonzero(pm.pure_layer(name).merge_weight == 0).flatten().tolist() for name in pm.layers
+    }
+    if not any(suppressed.values()):
+        raise DataError("the purified model has no suppressed virtual neuron; suppress the concept's first.")
+
+    def measure() -> dict[str, float]:
+        return shortcut_metrics(pm, clean, clean_labels, artifact, artifact_labels, target, batch_size=batch_size)
+
+    after = measure()
+    handles = []
+    try:
+        for name, idx in suppressed.items():
+            if idx:
+                pl = pm.pure_layer(name)
+                chans = set(pl.v_channel[idx].tolist())
+                handles.append(pm.suppress(name, [v for v in range(pl.n_virtual) if int(pl.v_channel[v]) in chans]))
+        whole = measure()
+    finally:
+        for h in reversed(handles):
+            h.remove()
+    saved = []
+    try:
+        for name, idx in suppressed.items():
+            if idx:
+                pl = pm.pure_layer(name)
+                saved.append((pl, pl.merge_weight.clone()))
+                with torch.no_grad():
+                    pl.merge_weight.fill_(1)
+        before = measure()
+    finally:
+        with torch.no_grad():
+            for pl, w in saved:
+                pl.merge_weight.copy_(w)
+    return ShortcutReport(int(target), before, after, whole)
