@@ -10,9 +10,12 @@ Example:
     True
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .arch import ResNetSpec
-from .cluster import CircuitKMeans
 from .errors import (
     ConfigError,
     DataError,
@@ -23,11 +26,51 @@ from .errors import (
     PurennError,
     UnsupportedModelError,
 )
-from .export import ExportReport, ParityCheck, export_onnx
-from .io import load_purified
-from .purify import purify_model
-from .relevance import circuit_relevance
-from .surgery import PureLayer, PurifiedModel, SuppressionHandle, VirtualNeuron
+
+if TYPE_CHECKING:
+    from .arch import ResNetSpec
+    from .cluster import CircuitKMeans
+    from .export import ExportReport, ParityCheck, export_onnx
+    from .io import load_purified
+    from .purify import purify_model
+    from .relevance import circuit_relevance
+    from .surgery import PureLayer, PurifiedModel, SuppressionHandle, VirtualNeuron
+
+#: public name -> submodule that defines it; imported on first use (PEP 562), so that ``import purenn``
+#: and the ``purenn`` command start without importing torch, torchvision or scikit-learn
+_LAZY = {
+    "ResNetSpec": "arch",
+    "CircuitKMeans": "cluster",
+    "ExportReport": "export",
+    "ParityCheck": "export",
+    "export_onnx": "export",
+    "load_purified": "io",
+    "purify_model": "purify",
+    "circuit_relevance": "relevance",
+    "PureLayer": "surgery",
+    "PurifiedModel": "surgery",
+    "SuppressionHandle": "surgery",
+    "VirtualNeuron": "surgery",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):  # a submodule, e.g. purenn.export after ``import purenn``
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__",

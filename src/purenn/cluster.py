@@ -24,11 +24,10 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from ._choices import SCORES
 from .errors import ConfigError, NotFittedError
 
 __all__ = ["CircuitKMeans", "SCORES", "contrast_score", "drop_empty_clusters"]
-
-SCORES = ("silhouette", "contrast")
 
 
 def contrast_score(centres: np.ndarray, labels: np.ndarray) -> float:

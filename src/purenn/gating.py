@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ._choices import GATES
 from .arch import ResNetSpec
 from .collect import References
 from .data import DataSource
@@ -38,7 +39,6 @@ from .errors import ConfigError
 __all__ = ["GATES", "CIRCUIT_GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim",
            "nearest_centroid", "combine_features", "fit_gate_features"]
 
-GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
 CIRCUIT_GATES = GATES[:2]
 ACTIVATION_GATES = GATES[2:]
 
