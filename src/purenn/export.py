@@ -594,6 +594,8 @@ def export_onnx(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+            # torch leaves strided slices (step != 1) unfolded: a note about optimisation, not an error
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
             try:
                 torch.onnx.export(
                     wrapper, (example,), str(tmp), dynamo=False, export_params=True, opset_version=opset,
