@@ -172,3 +172,19 @@ def test_shortcut_report_compares_with_whole_channels(case):
     finally:
         ablated.remove()
     assert "whole channels off" in rep.summary()
+
+
+def test_rank_by_target_is_logit_margin_contribution(case):
+    model, clean, stamped = case
+    ranked = rank_concept_channels(model, "layer4", stamped, clean, target=2)
+    w = model.fc.weight.detach().double()
+    w_margin = w[2] - w.mean(dim=0)
+    delta = (_output_of(model, "layer4", stamped).mean(dim=(2, 3)).mean(0)
+             - _output_of(model, "layer4", clean).mean(dim=(2, 3)).mean(0)).double()
+    torch.testing.assert_close(torch.from_numpy(ranked.effect), w_margin * delta, rtol=1e-4, atol=1e-7)
+    early = rank_concept_channels(model, "layer3", stamped, clean, target=2)  # through layer4 by autograd
+    assert len(early.effect) == 256 and early.channels[0] == int(early.effect.argmax())
+    with pytest.raises(ConfigError, match="target"):
+        rank_concept_channels(model, "layer4", stamped, clean, target=3)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=4, target=2)
+    assert pm.pure_layer("layer4").neurons.tolist() == ranked.top(4)

@@ -112,17 +112,26 @@ def rank_concept_channels(
     concept: Any,
     other: Any,
     *,
+    target: int | None = None,
     batch_size: int = 64,
     device: torch.device | str | None = None,
 ) -> ConceptChannels:
     """Rank the channels of ``layer`` by how much ``concept`` examples raise their mean activation
-    over ``other`` examples.
+    over ``other`` examples, or, with ``target``, their contribution to that class's logit.
+
+    With ``target`` (the class a shortcut points to), a channel's effect is the difference between
+    the two groups of its gradient x activation relevance for the target's logit margin
+    ``z_target - mean_j z_j`` (summed over space, averaged over examples): channels that the concept
+    raises *and* that push the prediction towards the target come first. After the last stage
+    (pooling and a linear classifier) this is exact: ``(w_target,c - mean_j w_j,c)`` times the
+    change of the channel's mean activation.
 
     Args:
         model: a torchvision ResNet or a :class:`~purenn.PurifiedModel` (its base model is used).
         layer: a stage or block output, e.g. ``"layer4"``.
         concept: images with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
         other: images without it (ideally the same images without the concept).
+        target: rank by relevance to this class's logit margin instead of by activation.
         batch_size: images per forward pass.
         device: where to compute (default: the model's device).
 
@@ -138,14 +147,42 @@ def rank_concept_channels(
     device = _device(base, device)
     with _eval(base):
         return _rank(spec, layer, pos, _images(concept, "concept", batch_size), _images(other, "other", batch_size),
-                     device)
+                     device, target)
+
+
+def _margin_relevance(spec: ResNetSpec, source: DataSource, position: int, target: int,
+                      device: torch.device) -> Tensor:
+    """``(N, C)`` gradient x activation of each channel at ``position`` for ``z_target - mean_j z_j``."""
+    out = []
+    for _, x in source.batches():
+        with torch.no_grad():
+            acts, _ = spec.run_until(x.to(device), {position})
+        h = acts[position].detach().requires_grad_(True)
+        with torch.enable_grad():
+            z = h
+            for blk in spec.blocks[position:]:
+                z, _ = spec.block_forward(blk, z)
+            logits = spec.head(z)
+            if not 0 <= target < logits.shape[1]:
+                raise ConfigError(f"target must be a class index in 0..{logits.shape[1] - 1}, got {target}.")
+            margin = logits[:, target] - logits.mean(dim=1)
+            (g,) = torch.autograd.grad(margin.sum(), h)
+        out.append((g * h).detach().sum(dim=(-2, -1)).double().cpu())
+    return torch.cat(out)
 
 
 def _rank(
-    spec: ResNetSpec, layer: str, pos: int, concept: DataSource, other: DataSource, device: torch.device
+    spec: ResNetSpec, layer: str, pos: int, concept: DataSource, other: DataSource, device: torch.device,
+    target: int | None = None,
 ) -> ConceptChannels:
-    a = _pooled(spec, concept, pos, device).mean(dim=0)
-    b = _pooled(spec, other, pos, device).mean(dim=0)
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise ConfigError(f"target must be a class index, got {target!r}.")
+        a = _margin_relevance(spec, concept, pos, int(target), device).mean(dim=0)
+        b = _margin_relevance(spec, other, pos, int(target), device).mean(dim=0)
+    else:
+        a = _pooled(spec, concept, pos, device).mean(dim=0)
+        b = _pooled(spec, other, pos, device).mean(dim=0)
     effect = (a - b).numpy()
     relative = effect / np.maximum((a + b).numpy() / 2, 1e-12)
     order = np.argsort(-effect, kind="stable")
@@ -251,6 +288,7 @@ def purify_concept(
     other: Any,
     *,
     neurons: int | Mapping[str, Sequence[int] | int] = 32,
+    target: int | None = None,
     upstream: Mapping[str, str] | None = None,
     gate: str = "circuit",
     gate_weight: float = 0.5,
@@ -274,6 +312,8 @@ def purify_concept(
         other: examples without it; the same images without the concept work best.
         neurons: an integer ``N`` (per layer) takes the ``N`` channels the concept raises most
             (:func:`rank_concept_channels`); ``{layer: [channels]}`` or ``{layer: N}`` per layer.
+        target: with a count in ``neurons``, rank channels by their relevance to this class (the
+            class a shortcut points to) instead of by activation (see :func:`rank_concept_channels`).
         upstream: ``{layer: upstream_layer}`` to override the default upstream.
         gate: what the gate compares: ``"circuit"`` (PURE's circuit relevance, default),
             ``"circuit+map"``, or a forward-only gate of :mod:`purenn.gating`.
@@ -326,7 +366,7 @@ def purify_concept(
             want = request[p.layer]
             if isinstance(want, (int, np.integer)):
                 count = _check_int(f"neurons for {p.layer!r}", want, 1)
-                ranked = _rank(spec, p.layer, p.position, c_src, o_src, device)
+                ranked = _rank(spec, p.layer, p.position, c_src, o_src, device, target)
                 chosen = ranked.top(min(count, spec.channels(p.position)))
                 if not chosen:
                     raise DataError(f"the concept raises no channel of {p.layer!r}; check the examples.")
