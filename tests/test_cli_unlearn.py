@@ -47,6 +47,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "pt": root / "r18.pt"}
 
 
+def _examples_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from purenn.loaders import load_data
+
+    data = load_data(folder=str(root), image_size=32)
+    x = torch.stack([data.dataset[i][0] for i in range(len(data.dataset))])
+    y = torch.as_tensor(data.labels)
+    return x[y == data.class_names.index("concept")], x[y == data.class_names.index("other")]
+
+
 def run(capsys, *argv: object) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -59,6 +68,9 @@ def test_unlearn_writes_a_suppressed_model_and_reports(files, capsys):
                             "--image-size", 32, "--neurons", 8, "--eval", files["root"] / "eval", "--eval-concept",
                             files["root"] / "eval_stamped", "--target", "dog", "-o", out)
     assert code == 0, err
+    ranked = purenn.concept.rank_concept_channels(
+        purenn.load_purified(out).base_model, "layer4", *_examples_tensors(files["root"] / "examples"), target=1)
+    assert purenn.load_purified(out).pure_layer("layer4").neurons.tolist() == ranked.top(8)
     assert "8 channels split" in stdout and "suppressed (purenn)" in stdout and "whole channels off" in stdout
     pm = purenn.load_purified(out)
     pl = pm.pure_layer("layer4")
@@ -77,7 +89,9 @@ def test_unlearn_writes_a_suppressed_model_and_reports(files, capsys):
     "extra, message",
     [
         (["--neurons", "0"], "--neurons"),
-        (["--eval", "EVAL"], "all three"),
+        (["--eval", "EVAL"], "both --eval and --eval-concept"),
+        (["--eval", "EVAL", "--eval-concept", "STAMPED"], "needs --target"),
+        (["--target", "dog"], "as an index"),
         (["--eval", "EVAL", "--eval-concept", "STAMPED", "--target", "horse"], "not a class"),
         (["--examples", "EVAL"], "concept/ and other/"),
         (["--layers", "layer9"], "layer9"),
@@ -90,8 +104,6 @@ def test_unlearn_bad_inputs(files, capsys, extra, message):
             "--neurons", 4, "-o", root / "bad.safetensors"]
     subst = {"EVAL": str(root / "eval"), "STAMPED": str(root / "eval_stamped")}
     args += [subst.get(e, e) for e in extra]
-    if "--examples" in extra:  # the later --examples wins
-        pass
     code, _, err = run(capsys, *args)
     assert code == 3 and message in err, err
     assert not (root / "bad.safetensors").exists()

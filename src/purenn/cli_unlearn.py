@@ -2,8 +2,9 @@
 
 The examples are an image folder with two sub-folders, ``concept/`` (images with the concept) and
 ``other/`` (images without it; ideally the same images without the artifact). The command splits
-the channels the concept raises most into a concept and a rest virtual neuron
-(:func:`purenn.concept.purify_concept`), suppresses the concept parts and saves the result. With
+the channels the concept raises most (or, with ``--target``, those most relevant to the class the
+concept points to) into a concept and a rest virtual neuron (:func:`purenn.concept.purify_concept`),
+suppresses the concept parts and saves the result. With
 ``--eval`` (clean test images, one sub-folder per class, in the model's class order),
 ``--eval-concept`` (images with the concept, same layout) and ``--target`` (the class the concept
 points to), it prints the artifact reliance and the accuracy before and after, and with the same
@@ -65,24 +66,18 @@ def run(args: argparse.Namespace) -> int:
     out = cli._output_path(args.out, ".safetensors", f"--out {args.out!r}")
     if args.neurons < 1:
         raise InputError(f"--neurons must be a positive number of channels, got {args.neurons}.")
-    evals = [args.eval, args.eval_concept, args.target]
-    if any(v is not None for v in evals) and not all(v is not None for v in evals):
-        raise InputError("the report needs all three of --eval, --eval-concept and --target.")
+    if (args.eval is None) != (args.eval_concept is None):
+        raise InputError("the report needs both --eval and --eval-concept (and --target).")
+    if args.eval is not None and args.target is None:
+        raise InputError("the report needs --target, the class the concept points to.")
     layers = _layers(args.layers)
     model, origin = cli._base_model(args)
     spec = ResNetSpec(model)
     for name in layers:
         spec.default_upstream(name)  # unknown layer names fail here, before any image is read
     in_ch = int(model.conv1.in_channels)
-    concept, other, what = _examples(args, in_ch)
-    cli._say(args, f"model: {origin}\nexamples: {what}")
-    pm = purify_concept(model, layers, concept, other, neurons=args.neurons, gate=args.gate,
-                        gate_weight=args.gate_weight, batch_size=args.batch_size)
-    for name in pm.layers:
-        idx = concept_virtual_indices(pm, name)
-        pm.suppress(name, idx)
-        print(f"{name}: {len(idx)} channels split into a concept and a rest virtual neuron; the {len(idx)} concept "
-              "virtual neurons are suppressed")
+    clean = stamped = None
+    target = None
     if args.eval is not None:
         clean = _folder(args, args.eval, in_ch)
         stamped = _folder(args, args.eval_concept, in_ch)
@@ -91,8 +86,23 @@ def run(args: argparse.Namespace) -> int:
                              f"vs {stamped.class_names}.")
         if args.target not in clean.class_names:
             raise InputError(f"--target {args.target!r} is not a class of --eval: {clean.class_names}.")
-        report = shortcut_report(pm, clean.dataset, clean.labels, stamped.dataset, stamped.labels,
-                                 clean.class_names.index(args.target), batch_size=args.batch_size)
+        target = clean.class_names.index(args.target)
+    elif args.target is not None:
+        if not args.target.isdigit():
+            raise InputError(f"--target {args.target!r}: without --eval, give the class as an index (0, 1, ...).")
+        target = int(args.target)
+    concept, other, what = _examples(args, in_ch)
+    cli._say(args, f"model: {origin}\nexamples: {what}")
+    pm = purify_concept(model, layers, concept, other, neurons=args.neurons, target=target, gate=args.gate,
+                        gate_weight=args.gate_weight, batch_size=args.batch_size)
+    for name in pm.layers:
+        idx = concept_virtual_indices(pm, name)
+        pm.suppress(name, idx)
+        print(f"{name}: {len(idx)} channels split into a concept and a rest virtual neuron; the {len(idx)} concept "
+              "virtual neurons are suppressed")
+    if clean is not None and stamped is not None and target is not None:
+        report = shortcut_report(pm, clean.dataset, clean.labels, stamped.dataset, stamped.labels, target,
+                                 batch_size=args.batch_size)
         print(f"target class {args.target!r}; reliance = share of other classes' images with the concept predicted "
               "as the target, minus that share without it")
         print(report.summary())
@@ -131,10 +141,11 @@ def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
     p.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N")
-    g = p.add_argument_group("report (optional; all three)")
+    p.add_argument("--target", metavar="CLASS", help="the class the concept points to (a sub-folder name of --eval, "
+                   "or an index): channels are then ranked by their relevance to it instead of by activation")
+    g = p.add_argument_group("report (optional; with --target)")
     g.add_argument("--eval", metavar="DIR", help="clean test images, one sub-folder per class in the model's order")
     g.add_argument("--eval-concept", metavar="DIR", help="test images with the concept, same sub-folders")
-    g.add_argument("--target", metavar="CLASS", help="the class (sub-folder name) the concept points to")
     p.add_argument("-o", "--out", default="unlearned.safetensors", metavar="FILE",
                    help="output file (default unlearned.safetensors)")
     p.add_argument("-q", "--quiet", action="store_true", help="no notes")
