@@ -3,8 +3,10 @@
 purenn never edits the model it is given. :class:`ResNetSpec` reads the structure of a
 torchvision :class:`~torchvision.models.ResNet` (any depth, width or group count, any stem) and
 replays its forward pass block by block with the model's own modules, so every activation is
-bit-identical to ``model(x)``. While replaying, it can record the activations after each ReLU of
-a block: the masks the explicit backward pass in :mod:`purenn.relevance` needs.
+bit-identical to ``model(x)`` in eval mode. The replay always runs BatchNorm in inference form
+(with its running statistics), whatever mode the caller's model is in, and never updates those
+statistics. While replaying, it can record the activations after each ReLU of a block: the masks
+the explicit backward pass in :mod:`purenn.relevance` needs.
 
 Layer positions: position 0 is the stem output (module ``maxpool``, alias ``stem``); position
 ``j >= 1`` is the output of the ``j``-th residual block counted over all stages. A stage name
@@ -23,13 +25,14 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import LayerError, UnsupportedModelError
 
-__all__ = ["ConvBN", "Block", "BlockRecord", "ResNetSpec", "STEM_NAMES"]
+__all__ = ["ConvBN", "Block", "BlockRecord", "ResNetSpec", "STEM_NAMES", "batch_norm_eval"]
 
 STEM_NAMES = ("maxpool", "stem")
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -99,6 +102,21 @@ class BlockRecord:
     inp: Tensor
     acts: list[Tensor] = field(default_factory=list)
     out: Tensor | None = None
+
+
+def batch_norm_eval(bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(x)`` as in eval mode, whatever ``bn.training`` is: normalised with the running statistics,
+    which are neither used from the batch nor updated (bit-identical to ``bn.eval()(x)``).
+
+    Example:
+        >>> bn = nn.BatchNorm2d(2).train()
+        >>> x = torch.rand(3, 2, 4, 4)
+        >>> torch.equal(batch_norm_eval(bn, x), bn.eval()(x))
+        True
+    """
+    if isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return bn(x)  # FrozenBatchNorm2d (always inference form) or a subclass with its own forward
 
 
 def _check_bn(bn: nn.Module, where: str) -> None:
@@ -251,7 +269,7 @@ class ResNetSpec:
     # ------------------------------------------------------------------ forward replay
     def stem(self, x: Tensor) -> Tensor:
         m = self.model
-        return m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.maxpool(m.relu(batch_norm_eval(m.bn1, m.conv1(x))))
 
     def head(self, h: Tensor) -> Tensor:
         m = self.model
@@ -264,12 +282,12 @@ class ResNetSpec:
         h = x
         last = len(block.main) - 1
         for i, cb in enumerate(block.main):
-            h = cb.bn(cb.conv(h))
+            h = batch_norm_eval(cb.bn, cb.conv(h))
             if i < last:
                 h = torch.relu(h)
                 if rec is not None:
                     rec.acts.append(h)
-        identity = x if block.downsample is None else block.downsample.bn(block.downsample.conv(x))
+        identity = x if block.downsample is None else batch_norm_eval(block.downsample.bn, block.downsample.conv(x))
         out = torch.relu(h + identity)
         if rec is not None:
             rec.out = out
