@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -43,6 +44,9 @@ from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, nor
 __all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
 
 POOLS = ("mean", "max", None)
+
+# guards the suppression bookkeeping of every PureLayer (a module-level lock keeps layers deep-copyable)
+_SUPPRESSION_LOCK = threading.RLock()
 
 
 class VirtualNeuron(NamedTuple):
@@ -145,6 +149,9 @@ class PureLayer(nn.Module):
         self.register_buffer("ref_clusters", ref_clusters.to(torch.long))
         self._build_tables()
         self.register_buffer("merge_weight", torch.ones(self.n_virtual, dtype=centroids.dtype))
+        # suppression bookkeeping (not saved): virtual index -> [active handles, weight before the first]
+        self._held: dict[int, list] = {}
+        self._held_epoch = 0
 
     def _build_tables(self) -> None:
         """Virtual-neuron index tables (derived, not saved)."""
@@ -190,6 +197,40 @@ class PureLayer(nn.Module):
             with torch.no_grad():
                 layer.merge_weight.copy_(w)
         return layer
+
+    # ---------------------------------------------------------------- suppression bookkeeping
+    def _hold(self, indices: Sequence[int]) -> int:
+        """Suppress ``indices`` for one more handle; returns the bookkeeping epoch the handle belongs to."""
+        with _SUPPRESSION_LOCK, torch.no_grad():
+            for i in indices:
+                entry = self._held.get(i)
+                if entry is None:
+                    self._held[i] = [1, self.merge_weight[i].clone()]
+                else:
+                    entry[0] += 1
+            self.merge_weight[list(indices)] = 0
+            return self._held_epoch
+
+    def _release(self, indices: Sequence[int], epoch: int) -> None:
+        """End one handle's hold; a virtual neuron no handle holds any more gets its weight from before."""
+        with _SUPPRESSION_LOCK, torch.no_grad():
+            if epoch != self._held_epoch:
+                return  # restore() ended every suppression since
+            for i in indices:
+                entry = self._held.get(i)
+                if entry is None:
+                    continue
+                entry[0] -= 1
+                if entry[0] <= 0:
+                    self.merge_weight[i] = entry[1]
+                    del self._held[i]
+
+    def _release_all(self) -> None:
+        """Switch every virtual neuron on and forget every hold (handles from before do nothing)."""
+        with _SUPPRESSION_LOCK, torch.no_grad():
+            self.merge_weight.fill_(1)
+            self._held.clear()
+            self._held_epoch += 1
 
     def extra_repr(self) -> str:
         return (
@@ -266,15 +307,47 @@ class PureLayer(nn.Module):
 
 
 class SuppressionHandle:
-    """Returned by :meth:`PurifiedModel.suppress`; ``remove()`` (or leaving a ``with`` block) puts the
-    previous merge weights back."""
+    """Returned by :meth:`PurifiedModel.suppress`; ``remove()`` (or leaving a ``with`` block) ends that
+    suppression.
 
-    def __init__(self, layer: PureLayer, indices: Tensor, previous: Tensor):
-        self._layer, self._indices, self._previous = layer, indices, previous
+    A virtual neuron stays suppressed while any handle that covers it is active; when the last one is
+    removed it gets back the merge weight it had before the first (so a neuron that was suppressed
+    when the model was loaded stays suppressed). Handles may be removed in any order, and removing
+    one twice does nothing. :meth:`PurifiedModel.restore` ends every suppression of its layers; the
+    handles from before it then do nothing.
+
+    Args:
+        layer: the :class:`PureLayer` the suppression applies to.
+        indices: virtual indices held by this handle.
+        previous: their merge weights just before the call (for information).
+
+    Example:
+        >>> h1 = pm.suppress("layer4", [3])                 # doctest: +SKIP
+        >>> h2 = pm.suppress("layer4", [3, 4])              # doctest: +SKIP
+        >>> h1.remove()    # 3 stays off: h2 still holds it  # doctest: +SKIP
+        >>> h2.remove()    # 3 and 4 are back on             # doctest: +SKIP
+    """
+
+    def __init__(self, layer: PureLayer, indices: Tensor, previous: Tensor) -> None:
+        self._layer, self._indices, self.previous = layer, indices, previous
+        self._list = [int(i) for i in indices.tolist()]
+        self._epoch: int | None = None  # set once the hold is taken (by PurifiedModel.suppress)
+
+    def _take(self) -> SuppressionHandle:
+        self._epoch = self._layer._hold(self._list)
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether this handle still holds its virtual neurons suppressed."""
+        return self._epoch is not None and self._epoch == self._layer._held_epoch
 
     def remove(self) -> None:
-        with torch.no_grad():
-            self._layer.merge_weight[self._indices] = self._previous
+        """End this suppression (see the class docstring); safe to call more than once."""
+        with _SUPPRESSION_LOCK:
+            epoch, self._epoch = self._epoch, None
+            if epoch is not None:
+                self._layer._release(self._list, epoch)
 
     def __enter__(self) -> SuppressionHandle:
         return self
@@ -483,8 +556,14 @@ class PurifiedModel(nn.Module):
     def suppress(self, layer: str, indices: Sequence[int]) -> SuppressionHandle:
         """Switch off virtual neurons of ``layer`` (by virtual index): their merge weight becomes 0.
 
-        Kept by ``save`` and ``export_onnx``. Returns a handle whose ``remove()`` undoes exactly this
-        call; ``with pm.suppress(...):`` suppresses for the block only.
+        Kept by ``save`` and ``export_onnx``. Returns a :class:`SuppressionHandle` whose ``remove()``
+        ends exactly this call's suppression: a virtual neuron stays off while any handle covering it
+        is active, and handles may be removed in any order. ``with pm.suppress(...):`` suppresses for
+        the block only.
+
+        Example:
+            >>> with pm.suppress("layer4", [pm.virtual_index("layer4", 7, 1)]):   # doctest: +SKIP
+            ...     logits = pm(x)
         """
         pl = self.pure_layer(layer)
         if isinstance(indices, int):
@@ -496,17 +575,16 @@ class PurifiedModel(nn.Module):
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < pl.n_virtual:
                 raise ConfigError(f"virtual index {i!r} is out of range for {layer!r} (0..{pl.n_virtual - 1}).")
         t = torch.tensor(sorted(set(idx)), dtype=torch.long, device=pl.merge_weight.device)
-        handle = SuppressionHandle(pl, t, pl.merge_weight[t].clone())
-        with torch.no_grad():
-            pl.merge_weight[t] = 0
-        return handle
+        with _SUPPRESSION_LOCK:
+            return SuppressionHandle(pl, t, pl.merge_weight[t].clone())._take()
 
     def restore(self, layer: str | None = None) -> None:
-        """Switch every virtual neuron of ``layer`` (default: of all layers) back on."""
+        """Switch every virtual neuron of ``layer`` (default: of all layers) back on, including those
+        suppressed in a loaded file; handles from earlier :meth:`suppress` calls then do nothing."""
         names = self.layers if layer is None else [layer]
-        with torch.no_grad():
-            for name in names:
-                self.pure_layer(name).merge_weight.fill_(1)
+        pls = [self.pure_layer(name) for name in names]
+        for pl in pls:
+            pl._release_all()
 
     def unload(self) -> nn.Module:
         """The original model, untouched (its ``state_dict`` is bit-identical to before purification)."""
