@@ -1,7 +1,8 @@
 """``purify_model``: validate, collect references, compute circuits, cluster, build the purified model.
 
-Everything is validated before any heavy work starts, and the caller's model is never modified
-(apart from being put in eval mode).
+Everything is validated before any heavy work starts, and the caller's model is never modified:
+not its weights, not its mode (it runs in inference form whatever its mode), not its device (with
+``device=`` elsewhere, purenn works on a copy moved there).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
 from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
-from .surgery import PureLayer, PurifiedModel
+from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
 
@@ -119,9 +120,66 @@ def _split_neuron_request(
     return lists, top
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _check_device(device: Any) -> torch.device:
+    """``device`` as a :class:`torch.device` that can hold data here, else a :class:`ConfigError`."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r}."
+        ) from None
+    if dev.type == "meta":
+        raise ConfigError("device='meta' holds no data; give the device to compute on, such as 'cpu' or 'cuda'.")
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if dev.type != "cpu" and callable(available) and not available():
+        raise ConfigError(f"device {str(dev)!r} is not available on this machine.")
+    count = getattr(backend, "device_count", None)
+    if dev.type != "cpu" and dev.index is not None and callable(count) and dev.index >= count():
+        raise ConfigError(f"device {str(dev)!r} does not exist: this machine has {count()} {dev.type} device(s).")
+    return dev
+
+
+def _resolve_device(model: nn.Module, device: torch.device) -> tuple[torch.device, bool]:
+    """The device to compute on (``"cuda"`` means the model's own CUDA device when it is on one) and
+    whether every tensor of the model is already there."""
+    here = {t.device for t in (*model.parameters(), *model.buffers())}
+    if device.index is None and len(here) == 1 and next(iter(here)).type == device.type:
+        device = next(iter(here))
+    return device, all(d == device for d in here)
+
+
+class _inference_form:
+    """Run a module in eval mode and put every submodule's mode back afterwards, even on error."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.modes = module, []
+
+    def __enter__(self) -> nn.Module:
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        for m, _ in self.modes:
+            m.training = False
+        return self.module
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mode in self.modes:
+            m.training = mode
+
+
 def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
+    """Refuse a model whose ``forward`` does not compute what purenn's replay computes. ``model(x)``
+    runs in eval mode; a model in training mode is put back in it (its statistics are not updated)."""
     with torch.no_grad():
-        ref, ours = model(x), spec.forward(x)
+        if any(m.training for m in model.modules()):
+            with _inference_form(model):
+                ref, ours = model(x), spec.forward(x)
+        else:
+            ref, ours = model(x), spec.forward(x)
     if ref.shape != ours.shape or not torch.allclose(ref, ours, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError(
             f"{type(model).__name__}.forward does not compute what a torchvision ResNet computes from its "
@@ -158,7 +216,9 @@ def purify_model(
     virtual neuron of the nearest centroid.
 
     Args:
-        model: a trained torchvision ResNet (any variant); it is put in eval mode, never modified.
+        model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
+            inference form (BatchNorm with its running statistics) whatever its mode, leaves its
+            mode, weights and device as they are, and the purified model shares its modules.
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.
@@ -187,7 +247,9 @@ def purify_model(
         score: the polysemanticity score stored per neuron and used by ``neurons=N``:
             ``"silhouette"`` or ``"contrast"`` (see :class:`~purenn.cluster.CircuitKMeans`).
         batch_size: samples per forward pass.
-        device: where to compute (default: the model's device).
+        device: where to compute (default: the model's device). When the model is elsewhere, purenn
+            works on a copy moved there, and the purified model holds that copy (the caller's model
+            stays where it was); ``"meta"`` and unavailable devices are refused.
         progress: show progress bars.
         seed: k-means seed; the same seed gives the same centroids and gates.
         max_memory: bytes of intermediate tensors per relevance chunk.
@@ -233,12 +295,11 @@ def purify_model(
     source = DataSource.from_data(data, batch_size)
     if len(source) < n_refs:
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    model.eval()
-    model.to(device)
+    device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
+    owned = not there
+    if owned:  # work on a copy there; the caller's model stays where it is
+        model = _copy_module(model, lambda t: t.to(device))
+        spec = ResNetSpec(model)
 
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
@@ -298,4 +359,6 @@ def purify_model(
                 gate_weight=gate_weight,
             ).to(device)
         )
-    return PurifiedModel(model, pure_layers, max_memory=int(max_memory))
+    pm = PurifiedModel(model, pure_layers, max_memory=int(max_memory))
+    pm._owns_base = owned
+    return pm

@@ -1,8 +1,9 @@
 """Surgery: :class:`PureLayer` (relevance -> gate -> virtual neurons -> merge) and :class:`PurifiedModel`.
 
 The purified model wraps the original ResNet without changing it. Its forward pass replays the
-ResNet block by block (:class:`~purenn.arch.ResNetSpec`) and, after each purified layer, hands the
-activation to that layer's :class:`PureLayer`. A purified neuron ``k`` becomes virtual neurons
+ResNet block by block (:class:`~purenn.arch.ResNetSpec`), always in inference form (BatchNorm with
+its running statistics, whatever mode the base model is in), and, after each purified layer, hands
+the activation to that layer's :class:`PureLayer`. A purified neuron ``k`` becomes virtual neurons
 ``k.0 ... k.(c-1)``; for each input exactly one of them, the one whose centroid is nearest to the
 input's circuit relevance, carries ``a_k``. The merge adds the virtual neurons back into channel
 ``k`` (weighted by the suppression mask), so with nothing suppressed the logits equal the original.
@@ -18,9 +19,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -356,14 +359,45 @@ class SuppressionHandle:
         self.remove()
 
 
+def _copy_module(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are ``fn`` of the originals (converted
+    straight into the copy, so the original's memory is not duplicated first); the original is not
+    changed and shares no storage with the copy."""
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            new = fn(t.detach())
+            if new.numel() and t.numel() and new.device == t.device and new.data_ptr() == t.data_ptr():
+                new = new.clone()
+            if isinstance(t, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=t.requires_grad)
+            memo[id(t)] = new
+    return copy.deepcopy(module, memo)
+
+
+def _converts(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> bool:
+    """Whether applying ``fn`` (a conversion of :meth:`nn.Module._apply`) would change any tensor."""
+    with torch.no_grad():
+        return any(fn(t) is not t for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 class PurifiedModel(nn.Module):
     """A ResNet whose purified layers route each neuron's activation to one of its virtual neurons.
 
     Build it with :func:`purenn.purify_model` (or :func:`purenn.load_purified`). ``pm(x)`` returns
-    the logits, equal to ``model(x)`` while nothing is suppressed. The model is inference-only.
+    the logits, equal to ``model(x)`` in eval mode while nothing is suppressed. The model is
+    inference-only.
+
+    Ownership: the base model's modules are shared with the caller, never changed. ``pm`` runs them
+    in inference form (BatchNorm with its running statistics) whatever their mode, so
+    ``model.train()`` changes neither ``pm``'s outputs nor the model's statistics. Converting ``pm``
+    (``.to``, ``.cuda``, ``.double``, ``.half``, ...) converts a private copy of the base model, which
+    ``pm.base_model`` then is; the caller's model stays as it was. If the caller converts its own
+    model afterwards, ``pm`` refuses to run (:class:`~purenn.errors.ConfigError`) instead of mixing
+    dtypes or devices.
 
     Args:
-        base_model: the original ResNet (kept unchanged, in eval mode).
+        base_model: the original ResNet (shared; its mode is left as it is).
         layers: the :class:`PureLayer` of each purified layer.
         max_memory: bytes of intermediate tensors per relevance chunk when gating.
     """
@@ -373,31 +407,73 @@ class PurifiedModel(nn.Module):
     ) -> None:
         super().__init__()
         spec = ResNetSpec(base_model)
-        self.base_model = base_model.eval()
         self.pure = nn.ModuleDict({_module_key(pl.layer): pl for pl in layers})
+        self._plan = self._make_plan(spec, layers)
+        self.base_model = base_model
         self.max_memory = int(max_memory)
         self._spec = spec
-        self._plan: dict[int, tuple[PureLayer, int, tuple[Block, ...], range]] = {}
+        self._owns_base = False  # True once base_model is purenn's own (a copy, or rebuilt by load_purified)
+        self.eval()
+
+    @staticmethod
+    def _make_plan(
+        spec: ResNetSpec, layers: Sequence[PureLayer]
+    ) -> dict[int, tuple[PureLayer, int, tuple[Block, ...], range]]:
+        plan: dict[int, tuple[PureLayer, int, tuple[Block, ...], range]] = {}
         for pl in layers:
             pos, up = spec.position(pl.layer), spec.position(pl.upstream)
-            if pos in self._plan:
-                raise LayerError(f"{pl.layer!r} and {self._plan[pos][0].layer!r} are the same layer output.")
+            if pos in plan:
+                raise LayerError(f"{pl.layer!r} and {plan[pos][0].layer!r} are the same layer output.")
             if up >= pos:
                 raise LayerError(f"upstream {pl.upstream!r} is not before {pl.layer!r}.")
             dim = gate_dim(pl.gate, spec.channels(up), spec.channels(pos))
             if spec.channels(pos) != pl.channels or (dim is not None and dim != pl.centroids.shape[-1]):
                 raise LayerError(f"the PureLayer of {pl.layer!r} does not fit this model's channel counts.")
-            self._plan[pos] = (pl, up, spec.segment(up, pos), range(up + 1, pos + 1))
-        self.eval()
+            plan[pos] = (pl, up, spec.segment(up, pos), range(up + 1, pos + 1))
+        return plan
+
+    def _adopt_base(self, model: nn.Module) -> None:
+        """Make ``model`` (purenn's own, same structure) the base model."""
+        spec = ResNetSpec(model)
+        self._plan = self._make_plan(spec, [self._plan[p][0] for p in sorted(self._plan)])
+        self.base_model = model
+        self._spec = spec
+        self._owns_base = True
 
     # ---------------------------------------------------------------- module behaviour
     def train(self, mode: bool = True) -> PurifiedModel:
+        """Only ``train(False)``/``eval()`` is allowed; it leaves the base model's own mode as it is
+        (the base model always runs in inference form inside ``pm``)."""
         if mode:
             raise ConfigError(
                 "PurifiedModel is inference-only: gates rely on eval-mode BatchNorm. Fine-tune the base model "
                 "(pm.unload()) and purify it again."
             )
-        return super().train(False)
+        self.training = False
+        self.pure.train(False)
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PurifiedModel:
+        # every conversion (.to, .cuda, .cpu, .double, .half, .float, .to_empty, ...) passes here: one
+        # that would change the caller's base model converts a private copy of it instead
+        if recurse and not self._owns_base and _converts(self.base_model, fn):
+            self._adopt_base(_copy_module(self.base_model, fn))
+        return super()._apply(fn, recurse)
+
+    def _check_base(self) -> None:
+        """Refuse to run when the shared base model was converted after purification."""
+        if not self._plan:
+            return
+        ref = next(iter(self._plan.values()))[0].centroids
+        m = self.base_model
+        for name, t in (("conv1.weight", m.conv1.weight), ("fc.weight", getattr(m.fc, "weight", None))):
+            if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
+                raise ConfigError(
+                    f"the base model's {name} is {t.dtype} on {t.device} but the purified layers are {ref.dtype} "
+                    f"on {ref.device}: the model was converted after purification (pm shares it, it does not "
+                    "copy it). Convert the purified model instead (pm.to(...) converts a private copy), or "
+                    "purify again."
+                )
 
     @property
     def layers(self) -> list[str]:
@@ -422,6 +498,7 @@ class PurifiedModel(nn.Module):
     ):
         if not _is_exporting():
             check_input(x)
+        self._check_base()
         spec = self._spec
         plan = self._plan
         # per layer: None = gate every neuron at once, else the positions (into pl.neurons) to gate
@@ -587,7 +664,9 @@ class PurifiedModel(nn.Module):
             pl._release_all()
 
     def unload(self) -> nn.Module:
-        """The original model, untouched (its ``state_dict`` is bit-identical to before purification)."""
+        """The base model: the caller's model, untouched (its ``state_dict`` and mode are as before
+        purification), or purenn's own copy once one was made (``pm.to(...)`` and other conversions,
+        ``purify_model(device=...)`` on another device, a model rebuilt by ``load_purified``)."""
         return self.base_model
 
     def save(self, path: str | os.PathLike) -> Path:
