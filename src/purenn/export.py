@@ -318,6 +318,12 @@ def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any)
     dtype = next(pm.parameters()).dtype
     if dtype != torch.float32:
         raise ConfigError(f"ONNX export needs a float32 model, got {dtype}; convert it with pm.float().")
+    for name, t in (*pm.named_parameters(), *pm.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ExportError(
+                f"cannot export: {name} holds NaN or infinite values, which the graph would carry into every "
+                "output (gates included); load or purify the model again."
+            )
     return shape  # type: ignore[return-value]
 
 
