@@ -287,8 +287,11 @@ def test_unknown_config_key_is_dropped_with_a_warning(tiny, tmp_path):
     tensors, metadata = read_raw(path)
     config = json.loads(metadata["purenn"])
     config["layers"][0]["config"]["future_option"] = 1
+    edited = rewrite(tmp_path / "u.safetensors", tensors, metadata, config)
+    with pytest.raises(FileFormatError, match="config in .* differs from the one saved"), pytest.warns(UserWarning):
+        purenn.load_purified(edited)  # the edit does not match the saved content hash
     with pytest.warns(UserWarning, match=r"ignoring unknown config keys \['future_option'\]"):
-        pm2 = purenn.load_purified(rewrite(tmp_path / "u.safetensors", tensors, metadata, config))
+        pm2 = purenn.load_purified(edited, verify=False)
     assert_identical(pm, pm2, images(2, seed=3, size=(32, 32)))
 
 

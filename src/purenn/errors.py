@@ -45,8 +45,10 @@ class NotFittedError(PurennError, ValueError):
 
 class FileFormatError(PurennError, ValueError):
     """A saved purenn file cannot be loaded: not a safetensors file, truncated, bad or newer config,
-    missing, extra or misshapen tensors, or a base-model skeleton of another architecture."""
+    missing, extra or misshapen tensors, values a purified model cannot hold, contents that differ from
+    their saved hashes, or a base-model skeleton of another architecture."""
 
 
 class ExportError(PurennError, RuntimeError):
-    """Export to ONNX failed, or the exported graph does not reproduce the PyTorch model."""
+    """Export to ONNX failed or was refused (NaN or infinite weights or buffers), or the exported
+    graph does not reproduce the PyTorch model."""
