@@ -5,7 +5,6 @@ import torch
 
 import purenn
 from purenn.concept import (
-    CONCEPT_CLUSTER,
     concept_gate_features,
     concept_virtual_indices,
     purify_concept,
@@ -48,7 +47,7 @@ def test_centroids_are_mass_weighted_circuit_means(case):
     pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans})
     pl = pm.pure_layer("layer4")
     assert pl.neurons.tolist() == chans and pl.n_clusters.tolist() == [2, 2, 2]
-    for group, cluster in ((clean, 0), (stamped, CONCEPT_CLUSTER)):
+    for group, cluster in ((clean, 0), (stamped, 1)):
         r = autograd_relevance(model.double(), group.double(), "layer4", "layer3", chans)  # (B, K, C_U)
         a = _output_of(model, "layer4", group.double())[:, chans].clamp(min=0).sum(dim=(2, 3))  # (B, K)
         model.float()
@@ -69,7 +68,7 @@ def test_gate_separates_and_suppression_only_touches_concept_inputs(case):
     assert torch.equal(gates, d.argmin(-1))  # the gate is the nearest centroid of those features
     assert gates[len(clean):].float().mean() > gates[: len(clean)].float().mean()
     idx = concept_virtual_indices(pm, "layer4")
-    assert len(idx) == 8 and all(pm.virtual_neurons[i].cluster == CONCEPT_CLUSTER for i in idx)
+    assert len(idx) == 8 and all(pm.virtual_neurons[i].cluster == 1 for i in idx)
     with pm.suppress("layer4", idx):
         out = pm(x)
         untouched = (gates == 0).all(dim=1)  # inputs whose gates all chose the rest
@@ -188,3 +187,23 @@ def test_rank_by_target_is_logit_margin_contribution(case):
         rank_concept_channels(model, "layer4", stamped, clean, target=3)
     pm = purify_concept(model, "layer4", stamped, clean, neurons=4, target=2)
     assert pm.pure_layer("layer4").neurons.tolist() == ranked.top(4)
+
+
+def test_rest_clusters(case):
+    from sklearn.cluster import KMeans
+
+    model, clean, stamped = case
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": [5, 9]}, rest_clusters=3, seed=1)
+    pl = pm.pure_layer("layer4")
+    assert pl.n_clusters.tolist() == [4, 4]
+    idx = concept_virtual_indices(pm, "layer4")
+    assert [pm.virtual_neurons[i].cluster for i in idx] == [3, 3]
+    feats, mass = concept_gate_features(model, clean, "layer4", [5, 9])
+    km = KMeans(n_clusters=3, n_init=4, random_state=1).fit(feats[:, 0].double().numpy(),
+                                                              sample_weight=mass[:, 0].double().numpy())
+    torch.testing.assert_close(pl.centroids[0, :3].double(), torch.from_numpy(km.cluster_centers_), rtol=1e-4,
+                               atol=1e-6)
+    x = torch.cat([clean, stamped])
+    assert torch.equal(pm(x), model(x))
+    with pytest.raises(ConfigError, match="rest_clusters"):
+        purify_concept(model, "layer4", stamped, clean, neurons=2, rest_clusters=0)

@@ -9,10 +9,11 @@ ideally the same images with and without an artifact:
 1. :func:`rank_concept_channels` ranks a layer's channels by how much the concept raises their
    mean activation (the concept's effect);
 2. :func:`purify_concept` splits the chosen channels into two virtual neurons each, ``k.0`` (the
-   rest) and ``k.1`` (the concept), with the two centroids fitted on the gate features (circuit
+   rest; or ``k.0 ... k.(R-1)`` with ``rest_clusters=R``) and the last one, the concept, with the
+   centroids fitted on the gate features (circuit
    relevance by default) of the ``other`` and ``concept`` examples: the activation-weighted mean
    of each group, so examples on which the neuron is silent do not pull the centroids;
-3. :func:`concept_virtual_indices` lists the ``k.1`` virtual neurons; suppressing them
+3. :func:`concept_virtual_indices` lists the concept virtual neurons; suppressing them
    (``pm.suppress``) removes the concept's path through those channels on inputs whose circuit
    looks like the concept's, and leaves every other input untouched.
 
@@ -50,17 +51,12 @@ from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
 from .surgery import PureLayer, PurifiedModel
 
 __all__ = [
-    "CONCEPT_CLUSTER",
     "ConceptChannels",
     "rank_concept_channels",
     "concept_gate_features",
     "purify_concept",
     "concept_virtual_indices",
 ]
-
-#: the cluster of a concept-purified neuron that stands for the concept (cluster 0 is the rest)
-CONCEPT_CLUSTER = 1
-
 
 def _base(model: nn.Module) -> nn.Module:
     return model.base_model if isinstance(model, PurifiedModel) else model
@@ -257,6 +253,24 @@ def concept_gate_features(
     return feat, mass
 
 
+def _rest_centroids(feat: Tensor, mass: Tensor, n: int, seed: int) -> Tensor:
+    """``(K, n, D)``: per neuron, ``n`` centroids of the examples without the concept: k-means
+    (scikit-learn, weighted by activation mass) for ``n > 1``, the weighted mean for ``n = 1``."""
+    if n == 1:
+        return _weighted_mean(feat, mass)[:, None]
+    from sklearn.cluster import KMeans
+
+    out = []
+    for j in range(feat.shape[1]):
+        x, w = feat[:, j].double().numpy(), mass[:, j].double().numpy()
+        if not (w > 0).sum() >= n:  # too few active examples to cluster: repeat the mean
+            out.append(_weighted_mean(feat[:, j : j + 1], mass[:, j : j + 1]).expand(n, -1))
+            continue
+        km = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(x, sample_weight=np.maximum(w, 0))
+        out.append(torch.from_numpy(km.cluster_centers_))
+    return torch.stack(out)
+
+
 def _weighted_mean(feat: Tensor, mass: Tensor) -> Tensor:
     """``(K, D)`` mass-weighted mean of ``(N, K, D)`` features; plain mean where the mass is zero."""
     w = mass.double()
@@ -289,6 +303,7 @@ def purify_concept(
     *,
     neurons: int | Mapping[str, Sequence[int] | int] = 32,
     target: int | None = None,
+    rest_clusters: int = 1,
     upstream: Mapping[str, str] | None = None,
     gate: str = "circuit",
     gate_weight: float = 0.5,
@@ -296,14 +311,16 @@ def purify_concept(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    seed: int = 0,
 ) -> PurifiedModel:
     """Split the neurons that carry a concept into a concept virtual neuron and the rest.
 
     Each chosen neuron ``k`` gets two virtual neurons: ``k.0`` with the centroid of the ``other``
-    examples' gate features and ``k.1`` (:data:`CONCEPT_CLUSTER`) with that of the ``concept``
+    examples' gate features and ``k.1`` (the last, the concept part) with that of the ``concept``
     examples, each the mean weighted by the neuron's activation mass on the example. At inference
     the nearest centroid decides, as for any purified neuron; the logits stay equal to the
-    original's until ``k.1`` is suppressed (:func:`concept_virtual_indices`).
+    original's until the concept part is suppressed (:func:`concept_virtual_indices`). With
+    ``rest_clusters=R`` the rest has ``R`` centroids ``k.0 ... k.(R-1)`` and the concept is ``k.R``.
 
     Args:
         model: a trained torchvision ResNet in eval mode (never modified).
@@ -314,6 +331,9 @@ def purify_concept(
             (:func:`rank_concept_channels`); ``{layer: [channels]}`` or ``{layer: N}`` per layer.
         target: with a count in ``neurons``, rank channels by their relevance to this class (the
             class a shortcut points to) instead of by activation (see :func:`rank_concept_channels`).
+        rest_clusters: centroids for the examples without the concept (k-means weighted by
+            activation mass when more than 1): more of them describe the rest more closely, so that
+            fewer inputs without the concept land nearest to the concept's centroid.
         upstream: ``{layer: upstream_layer}`` to override the default upstream.
         gate: what the gate compares: ``"circuit"`` (PURE's circuit relevance, default),
             ``"circuit+map"``, or a forward-only gate of :mod:`purenn.gating`.
@@ -322,12 +342,13 @@ def purify_concept(
         batch_size: images per forward pass.
         device: must be the model's device if given (the model is not moved).
         max_memory: bytes of intermediate tensors per relevance chunk.
+        seed: k-means seed for ``rest_clusters > 1``.
 
     Returns:
-        A :class:`~purenn.PurifiedModel` whose purified neurons each have the two virtual neurons
-        ``k.0`` (rest) and ``k.1`` (concept); their ``scores`` are the concept's effect on the
-        neuron's mean activation, and ``ref_counts`` how many of the given examples the gate sends
-        to each.
+        A :class:`~purenn.PurifiedModel` whose purified neurons each have the virtual neurons
+        ``k.0 ... k.(R-1)`` (the rest, ``R = rest_clusters``) and ``k.R``, the last (the concept);
+        their ``scores`` are the concept's effect on the neuron's mean activation, and
+        ``ref_counts`` how many of the given examples the gate sends to each.
 
     Example:
         >>> pm = purify_concept(model, "layer4", stamped, clean, neurons=16)         # doctest: +SKIP
@@ -340,6 +361,8 @@ def purify_concept(
     gate = check_gate(gate)
     gate_weight = check_gate_weight(gate_weight)
     batch_size = _check_int("batch_size", batch_size, 1)
+    rest_clusters = _check_int("rest_clusters", rest_clusters, 1)
+    seed = _check_int("seed", seed, 0)
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or not max_memory > 0:
         raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
     names = [layers] if isinstance(layers, str) else list(layers)
@@ -377,17 +400,19 @@ def purify_concept(
             p = type(p)(p.layer, p.upstream, p.position, p.up_position, tuple(chosen), p.skip_aware)
             fc, mc = _features_of(base, c_src, p, gate, gate_weight, device, int(max_memory))
             fo, mo = _features_of(base, o_src, p, gate, gate_weight, device, int(max_memory))
-            centroids = torch.stack([_weighted_mean(fo, mo), _weighted_mean(fc, mc)], dim=1)  # (K, 2, D)
+            rest = _rest_centroids(fo, mo, rest_clusters, seed)  # (K, R, D)
+            centroids = torch.cat([rest, _weighted_mean(fc, mc)[:, None]], dim=1)  # (K, R + 1, D)
+            n_cl = centroids.shape[1]
             effect = mc.double().mean(dim=0) - mo.double().mean(dim=0)
             feats = torch.cat([fo, fc]).double()
             d = ((feats[:, :, None, :] - centroids[None]) ** 2).sum(dim=-1)
             assigned = d.argmin(dim=-1)  # (N, K)
-            counts = torch.stack([(assigned == c).sum(dim=0) for c in range(2)], dim=1)
+            counts = torch.stack([(assigned == c).sum(dim=0) for c in range(n_cl)], dim=1)
             k = len(chosen)
             layers_out.append(
                 PureLayer(
                     layer=p.layer, upstream=p.upstream, channels=spec.channels(p.position), neurons=list(chosen),
-                    centroids=centroids.to(dtype), n_clusters=torch.full((k,), 2, dtype=torch.long),
+                    centroids=centroids.to(dtype), n_clusters=torch.full((k,), n_cl, dtype=torch.long),
                     scores=effect.float(), ref_counts=counts, skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
                     gate=gate, gate_weight=gate_weight,
                 ).to(device)
@@ -396,11 +421,10 @@ def purify_concept(
 
 
 def concept_virtual_indices(pm: PurifiedModel, layer: str) -> list[int]:
-    """Virtual indices of the concept parts (``k.1``) of every split neuron of ``layer``.
+    """Virtual indices of the concept parts (the last virtual neuron) of every split neuron of ``layer``.
 
     Example:
         >>> handle = pm.suppress("layer4", concept_virtual_indices(pm, "layer4"))   # doctest: +SKIP
     """
     pl = pm.pure_layer(layer)
-    split = pl.neurons[pl.n_clusters > CONCEPT_CLUSTER].tolist()
-    return [pm.virtual_index(layer, c, CONCEPT_CLUSTER) for c in split]
+    return [pm.virtual_index(layer, c, n - 1) for c, n in zip(pl.neurons.tolist(), pl.n_clusters.tolist()) if n > 1]
