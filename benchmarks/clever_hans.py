@@ -15,8 +15,8 @@ without the stamp, so at most 2 x 50 = 100 labelled examples, and acts at the sa
 - ``purenn``: :func:`purenn.concept.purify_concept` splits the ``M`` channels most relevant to the
   artifact (the stamp's effect on their gradient x activation for the artifact class's logit
   margin, :func:`purenn.concept.rank_concept_channels` with ``target=``) into a concept and a rest
-  virtual neuron (centroids of the circuit relevance of stamped and clean examples) and suppresses
-  the concept parts; knob ``M``;
+  virtual neuron (centroids of the circuit relevance of stamped and clean examples; three k-means
+  centroids for the clean ones, ``--rest-clusters``) and suppresses the concept parts; knob ``M``;
 - ``ablate``: sets the same ``M`` whole channels to zero;
 - ``ablate_act``: sets the ``M`` channels the stamp raises most (activation difference) to zero;
 - ``pclarc``: P-ClArC (Anders et al. 2022): a linear CAV (scikit-learn logistic regression on the
@@ -71,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--layer", default="layer4")
     p.add_argument("--gate", default="circuit")
+    p.add_argument("--rest-clusters", type=int, default=3, help="purify_concept's centroids for the clean examples")
     p.add_argument("--channels", default="8,32,64,128", help="knob M of purenn and ablate")
     p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="knob alpha of P-ClArC")
     p.add_argument("--target", type=float, default=0.9, help="reliance removed at which costs are compared")
@@ -209,7 +210,8 @@ def run_model(a: argparse.Namespace, kind: str, seed: int, train: ConceptDataset
     for m in ints(a.channels):
         chans = by_rel.top(m)
         t = time.time()
-        pm = purify_concept(model, a.layer, concept, other, neurons={a.layer: chans}, gate=a.gate)
+        pm = purify_concept(model, a.layer, concept, other, neurons={a.layer: chans}, gate=a.gate,
+                            rest_clusters=a.rest_clusters, seed=seed)
         fit_s = time.time() - t
         with pm.suppress(a.layer, concept_virtual_indices(pm, a.layer)):
             r = ev(pm)

@@ -71,12 +71,13 @@ def test_unlearn_writes_a_suppressed_model_and_reports(files, capsys):
     ranked = purenn.concept.rank_concept_channels(
         purenn.load_purified(out).base_model, "layer4", *_examples_tensors(files["root"] / "examples"), target=1)
     assert purenn.load_purified(out).pure_layer("layer4").neurons.tolist() == ranked.top(8)
-    assert "8 channels split" in stdout and "suppressed (purenn)" in stdout and "whole channels off" in stdout
+    assert "8 channels split into 3 rest and 1 concept" in stdout and "suppressed (purenn)" in stdout
+    assert "whole channels off" in stdout
     pm = purenn.load_purified(out)
     pl = pm.pure_layer("layer4")
-    assert len(pl.neurons) == 8 and pl.n_clusters.tolist() == [2] * 8
+    assert len(pl.neurons) == 8 and pl.n_clusters.tolist() == [4] * 8  # 3 rest + 1 concept
     suppressed = [v for v in pm.virtual_neurons if v.suppressed]
-    assert len(suppressed) == 8 and all(v.cluster == 1 for v in suppressed)
+    assert len(suppressed) == 8 and all(v.cluster == 3 for v in suppressed)
     # the original model is the file's base model: with the suppressions lifted, logits equal it
     base = torchvision.models.resnet18(num_classes=3)
     base.load_state_dict(torch.load(files["pt"], weights_only=True))
@@ -89,6 +90,7 @@ def test_unlearn_writes_a_suppressed_model_and_reports(files, capsys):
     "extra, message",
     [
         (["--neurons", "0"], "--neurons"),
+        (["--rest-clusters", "0"], "--rest-clusters"),
         (["--eval", "EVAL"], "both --eval and --eval-concept"),
         (["--eval", "EVAL", "--eval-concept", "STAMPED"], "needs --target"),
         (["--target", "dog"], "as an index"),

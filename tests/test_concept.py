@@ -44,7 +44,7 @@ def test_rank_matches_mean_activation_difference(case):
 def test_centroids_are_mass_weighted_circuit_means(case):
     model, clean, stamped = case
     chans = rank_concept_channels(model, "layer4", stamped, clean).top(3)
-    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans})
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1)
     pl = pm.pure_layer("layer4")
     assert pl.neurons.tolist() == chans and pl.n_clusters.tolist() == [2, 2, 2]
     for group, cluster in ((clean, 0), (stamped, 1)):
@@ -58,7 +58,7 @@ def test_centroids_are_mass_weighted_circuit_means(case):
 
 def test_gate_separates_and_suppression_only_touches_concept_inputs(case):
     model, clean, stamped = case
-    pm = purify_concept(model, "layer4", stamped, clean, neurons=8)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=8, rest_clusters=1)
     x = torch.cat([clean, stamped])
     assert torch.equal(pm(x), model(x))  # nothing suppressed: the original logits
     feats, _ = concept_gate_features(model, x, "layer4", pm.pure_layer("layer4").neurons.tolist())

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     out = cli._output_path(args.out, ".safetensors", f"--out {args.out!r}")
     if args.neurons < 1:
         raise InputError(f"--neurons must be a positive number of channels, got {args.neurons}.")
+    if args.rest_clusters < 1:
+        raise InputError(f"--rest-clusters must be at least 1, got {args.rest_clusters}.")
     if (args.eval is None) != (args.eval_concept is None):
         raise InputError("the report needs both --eval and --eval-concept (and --target).")
     if args.eval is not None and args.target is None:
@@ -94,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
     concept, other, what = _examples(args, in_ch)
     cli._say(args, f"model: {origin}\nexamples: {what}")
     pm = purify_concept(model, layers, concept, other, neurons=args.neurons, target=target, gate=args.gate,
-                        gate_weight=args.gate_weight, batch_size=args.batch_size)
+                        gate_weight=args.gate_weight, rest_clusters=args.rest_clusters, batch_size=args.batch_size)
     for name in pm.layers:
         idx = concept_virtual_indices(pm, name)
         pm.suppress(name, idx)
-        print(f"{name}: {len(idx)} channels split into a concept and a rest virtual neuron; the {len(idx)} concept "
-              "virtual neurons are suppressed")
+        print(f"{name}: {len(idx)} channels split into {args.rest_clusters} rest and 1 concept virtual neuron(s) "
+              f"each; the {len(idx)} concept virtual neurons are suppressed")
     if clean is not None and stamped is not None and target is not None:
         report = shortcut_report(pm, clean.dataset, clean.labels, stamped.dataset, stamped.labels, target,
                                  batch_size=args.batch_size)
@@ -137,6 +139,8 @@ def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
     p.add_argument("--layers", nargs="+", default=["layer4"], metavar="LAYER", help="target layers (default layer4)")
     p.add_argument("--neurons", type=int, default=64, metavar="N",
                    help="channels per layer to split: those the concept raises most (default 64)")
+    p.add_argument("--rest-clusters", type=int, default=3, metavar="R",
+                   help="virtual neurons for what a channel does besides the concept (default 3)")
     p.add_argument("--gate", default="circuit", choices=GATES, help="what selects the virtual neuron (default circuit)")
     p.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")

@@ -303,7 +303,7 @@ def purify_concept(
     *,
     neurons: int | Mapping[str, Sequence[int] | int] = 32,
     target: int | None = None,
-    rest_clusters: int = 1,
+    rest_clusters: int = 3,
     upstream: Mapping[str, str] | None = None,
     gate: str = "circuit",
     gate_weight: float = 0.5,
@@ -315,9 +315,10 @@ def purify_concept(
 ) -> PurifiedModel:
     """Split the neurons that carry a concept into a concept virtual neuron and the rest.
 
-    Each chosen neuron ``k`` gets two virtual neurons: ``k.0`` with the centroid of the ``other``
-    examples' gate features and ``k.1`` (the last, the concept part) with that of the ``concept``
-    examples, each the mean weighted by the neuron's activation mass on the example. At inference
+    Each chosen neuron ``k`` gets virtual neurons for the rest and one for the concept. With
+    ``rest_clusters=1``: ``k.0`` with the centroid of the ``other`` examples' gate features and
+    ``k.1`` (the concept part) with that of the ``concept`` examples, each the mean weighted by the
+    neuron's activation mass on the example. At inference
     the nearest centroid decides, as for any purified neuron; the logits stay equal to the
     original's until the concept part is suppressed (:func:`concept_virtual_indices`). With
     ``rest_clusters=R`` the rest has ``R`` centroids ``k.0 ... k.(R-1)`` and the concept is ``k.R``.
@@ -332,8 +333,9 @@ def purify_concept(
         target: with a count in ``neurons``, rank channels by their relevance to this class (the
             class a shortcut points to) instead of by activation (see :func:`rank_concept_channels`).
         rest_clusters: centroids for the examples without the concept (k-means weighted by
-            activation mass when more than 1): more of them describe the rest more closely, so that
-            fewer inputs without the concept land nearest to the concept's centroid.
+            activation mass when more than 1, default 3): more of them describe the rest more
+            closely, so that fewer inputs without the concept land nearest to the concept's
+            centroid (see the Clever-Hans benchmark in the README).
         upstream: ``{layer: upstream_layer}`` to override the default upstream.
         gate: what the gate compares: ``"circuit"`` (PURE's circuit relevance, default),
             ``"circuit+map"``, or a forward-only gate of :mod:`purenn.gating`.
