@@ -216,8 +216,9 @@ def run_model(a: argparse.Namespace, kind: str, seed: int, train: ConceptDataset
         with pm.suppress(a.layer, concept_virtual_indices(pm, a.layer)):
             r = ev(pm)
             sub = torch.arange(0, len(ev.x), max(1, len(ev.x) // 500))
-            g_clean = pm.gates(ev.x[sub])[a.layer].float().mean().item()
-            g_st = pm.gates(ev.stamped[sub[sub < len(ev.stamped)]])[a.layer].float().mean().item()
+            last = pm.pure_layer(a.layer).n_clusters - 1  # the concept part of each neuron
+            g_clean = (pm.gates(ev.x[sub])[a.layer] == last).float().mean().item()
+            g_st = (pm.gates(ev.stamped[sub[sub < len(ev.stamped)]])[a.layer] == last).float().mean().item()
         rows.append({"method": "purenn", "knob": len(chans), **r, "fit_s": fit_s, "gate_concept_clean": g_clean,
                      "gate_concept_stamped": g_st})
         rows.append({"method": "ablate", "knob": len(chans), **ev(ablate(model, a.layer, chans))})
