@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=0.9, help="reliance removed at which costs are compared")
     p.add_argument("--stop", type=float, default=0.98, help="stop raising M once every channel method removes this")
     p.add_argument("--no-figure", action="store_true")
+    p.add_argument("--from-runs", nargs="+", metavar="RUNS.JSON", help="summarise saved runs.json files instead")
     a = p.parse_args(argv)
     if a.smoke:
         a.seeds, a.artifacts, a.n_train, a.n_test, a.n_pairs = "0", "patch", 1500, 600, 20
@@ -290,20 +291,26 @@ def figure(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, sharey="row")
     colors = {"purenn": "C0", "ablate": "C1", "ablate_act": "C3", "pclarc": "C2"}
-    for ax, kind in zip(axes, ARTIFACTS):
-        for run in (r for r in runs if r["artifact"] == kind):
-            for m, col in colors.items():
-                pts = sorted((r for r in run["rows"] if r["method"] == m), key=lambda r: r["knob"])
-                ax.plot([0] + [r["removed"] for r in pts], [0] + [100 * r["cost"] for r in pts], "o-", color=col,
-                        ms=3, alpha=0.7, label=m if run["seed"] == runs[0]["seed"] else None)
-        ax.set_title(f"artifact: {kind}")
-        ax.set_xlabel("share of artifact reliance removed")
-        ax.axvline(0.9, color="grey", lw=0.5, ls="--")
-        ax.axhline(0.5, color="grey", lw=0.5, ls="--")
-    axes[0].set_ylabel("clean accuracy cost (points)")
-    axes[0].legend()
+    for col, kind in enumerate(ARTIFACTS):
+        for row, (key, what) in enumerate((("cost", "clean accuracy cost (points)"),
+                                           ("cost_cls", "artifact class: clean accuracy cost (points)"))):
+            ax = axes[row, col]
+            for run in (r for r in runs if r["artifact"] == kind):
+                for m, c in colors.items():
+                    pts = sorted((r for r in run["rows"] if r["method"] == m), key=lambda r: r["knob"])
+                    ax.plot([0] + [r["removed"] for r in pts], [0] + [100 * r[key] for r in pts], "o-", color=c,
+                            ms=3, alpha=0.7, label=m if run["seed"] == runs[0]["seed"] else None)
+            ax.axvline(0.9, color="grey", lw=0.5, ls="--")
+            ax.axhline(0.5 if row == 0 else 2, color="grey", lw=0.5, ls="--")
+            if row == 0:
+                ax.set_title(f"artifact: {kind}")
+            else:
+                ax.set_xlabel("share of artifact reliance removed")
+            if col == 0:
+                ax.set_ylabel(what)
+    axes[0, 0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -314,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out) if a.out else HERE / "results" / ("clever_hans_smoke" if a.smoke else "clever_hans")
     out.mkdir(parents=True, exist_ok=True)
+    if a.from_runs:
+        try:
+            saved = [json.loads(Path(f).read_text()) for f in a.from_runs]
+            runs = [r for d in saved for r in d["runs"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"cannot read --from-runs: {e}", file=sys.stderr)
+            return 2
+        (out / "runs.json").write_text(json.dumps({"args": [d["args"] for d in saved], "runs": runs}, indent=1))
+        return report(runs, a, out)
     full = concept_data("train", root=a.root, limit=a.n_train + 5000)
     if a.n_train + a.n_pairs > len(full):
         print(f"not enough training images ({len(full)}) for --n-train {a.n_train} + --n-pairs {a.n_pairs}",
@@ -327,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in ints(a.seeds):
             runs.append(run_model(a, kind, seed, train, pool, test))
             (out / "runs.json").write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1))
+    return report(runs, a, out)
+
+
+def report(runs: list[dict], a: argparse.Namespace, out: Path) -> int:
     table = summarise(runs, a.target)
     print(table)
     (out / "summary.md").write_text(table + "\n")
