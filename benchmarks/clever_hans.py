@@ -310,7 +310,10 @@ def figure(runs: list[dict], path: Path) -> None:
                 ax.set_xlabel("share of artifact reliance removed")
             if col == 0:
                 ax.set_ylabel(what)
-    axes[0, 0].legend()
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+            break
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
