@@ -318,18 +318,19 @@ def purify_concept(
     Each chosen neuron ``k`` gets virtual neurons for the rest and one for the concept. With
     ``rest_clusters=1``: ``k.0`` with the centroid of the ``other`` examples' gate features and
     ``k.1`` (the concept part) with that of the ``concept`` examples, each the mean weighted by the
-    neuron's activation mass on the example. At inference
-    the nearest centroid decides, as for any purified neuron; the logits stay equal to the
-    original's until the concept part is suppressed (:func:`concept_virtual_indices`). With
-    ``rest_clusters=R`` the rest has ``R`` centroids ``k.0 ... k.(R-1)`` and the concept is ``k.R``.
+    neuron's activation mass on the example. With ``rest_clusters=R`` the rest has ``R`` centroids
+    ``k.0 ... k.(R-1)`` and the concept is ``k.R``. At inference the nearest centroid decides, as
+    for any purified neuron; the logits stay equal to the original's until the concept part is
+    suppressed (:func:`concept_virtual_indices`).
 
     Args:
         model: a trained torchvision ResNet in eval mode (never modified).
         layers: target layer(s), e.g. ``"layer4"`` or ``["layer3", "layer4"]``.
         concept: examples with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
         other: examples without it; the same images without the concept work best.
-        neurons: an integer ``N`` (per layer) takes the ``N`` channels the concept raises most
-            (:func:`rank_concept_channels`); ``{layer: [channels]}`` or ``{layer: N}`` per layer.
+        neurons: an integer ``N`` (per layer) takes the ``N`` channels the concept raises most, or
+            with ``target`` the ``N`` most relevant to it (:func:`rank_concept_channels`);
+            ``{layer: [channels]}`` or ``{layer: N}`` per layer.
         target: with a count in ``neurons``, rank channels by their relevance to this class (the
             class a shortcut points to) instead of by activation (see :func:`rank_concept_channels`).
         rest_clusters: centroids for the examples without the concept (k-means weighted by
@@ -349,7 +350,8 @@ def purify_concept(
     Returns:
         A :class:`~purenn.PurifiedModel` whose purified neurons each have the virtual neurons
         ``k.0 ... k.(R-1)`` (the rest, ``R = rest_clusters``) and ``k.R``, the last (the concept);
-        their ``scores`` are the concept's effect on the neuron's mean activation, and
+        their ``scores`` are the concept's effect on the neuron's activation mass (spatial sum of
+        its positive activation, concept minus other examples, averaged), and
         ``ref_counts`` how many of the given examples the gate sends to each.
 
     Example:
