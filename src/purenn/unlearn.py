@@ -208,6 +208,16 @@ def suppress_concept(
     return pm.suppress(layer, found.indices), found
 
 
+def _predictions(model: Any, source: DataSource) -> np.ndarray:
+    """``(N,)`` argmax of ``model``'s logits over ``source``."""
+    p = next(model.parameters())
+    preds = []
+    with torch.no_grad():
+        for _, x in source.batches():
+            preds.append(model(x.to(device=p.device, dtype=p.dtype)).argmax(dim=1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
 def group_accuracy(
     model: Any,
     data: Any,
@@ -224,12 +234,7 @@ def group_accuracy(
     source = DataSource.from_data(data, batch_size)
     t, g = _labels(targets, len(source)), _labels(groups, len(source))
     n_groups = int(g.max()) + 1 if n_groups is None else n_groups
-    p = next(model.parameters())
-    preds = []
-    with torch.no_grad():
-        for _, x in source.batches():
-            preds.append(model(x.to(device=p.device, dtype=p.dtype)).argmax(dim=1).cpu().numpy())
-    correct = np.concatenate(preds) == t
+    correct = _predictions(model, source) == t
     return np.array([correct[g == i].mean() if (g == i).any() else np.nan for i in range(n_groups)])
 
 
@@ -303,16 +308,6 @@ def unlearning_report(
 
 
 # ------------------------------------------------------------------------------ shortcuts (Clever Hans)
-def _predictions(model: Any, data: Any, batch_size: int) -> np.ndarray:
-    source = DataSource.from_data(data, batch_size)
-    p = next(model.parameters())
-    preds = []
-    with torch.no_grad():
-        for _, x in source.batches():
-            preds.append(model(x.to(device=p.device, dtype=p.dtype)).argmax(dim=1).cpu().numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-
-
 def shortcut_metrics(
     model: Any,
     clean: Any,
@@ -343,13 +338,14 @@ def shortcut_metrics(
         >>> shortcut_metrics(model, x, y, stamp(x), y, target=0)        # doctest: +SKIP
         {'reliance': 0.41, 'acc': 0.87, 'acc_target': 0.86}
     """
-    yc = _labels(clean_labels, len(DataSource.from_data(clean, batch_size)))
-    ya = _labels(artifact_labels, len(DataSource.from_data(artifact, batch_size)))
+    clean_src, artifact_src = DataSource.from_data(clean, batch_size), DataSource.from_data(artifact, batch_size)
+    yc = _labels(clean_labels, len(clean_src))
+    ya = _labels(artifact_labels, len(artifact_src))
     if isinstance(target, bool) or not isinstance(target, (int, np.integer)) or target < 0:
         raise ConfigError(f"target must be a class index, got {target!r}.")
     if not (yc != target).any() or not (ya != target).any():
         raise DataError(f"both image sets need images of classes other than {target} to measure reliance.")
-    pc, pa = _predictions(model, clean, batch_size), _predictions(model, artifact, batch_size)
+    pc, pa = _predictions(model, clean_src), _predictions(model, artifact_src)
     own = yc == target
     return {
         "reliance": float((pa[ya != target] == target).mean() - (pc[~own] == target).mean()),
