@@ -46,6 +46,7 @@ from sklearn.linear_model import LogisticRegression
 
 from purenn.concept import concept_virtual_indices, purify_concept, rank_concept_channels
 from purenn.datasets import ConceptDataset, cached_classifier, concept_data, small_image_resnet
+from purenn.unlearn import shortcut_metrics
 
 HERE = Path(__file__).resolve().parent
 T0 = time.time()
@@ -113,49 +114,43 @@ def poisoned(train: ConceptDataset, kind: str, cls: int, fraction: float, seed: 
 
 
 # ----------------------------------------------------------------------------------------- metrics
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 500) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([fn(x[s : s + batch]).argmax(1).numpy() for s in range(0, len(x), batch)])
-
-
 class Evaluator:
+    """purenn.unlearn.shortcut_metrics on the test images and the stamped test images of the other classes."""
+
     def __init__(self, test: ConceptDataset, kind: str, cls: int, value: float) -> None:
         self.x, self.y, self.cls = test.images, test.fine.numpy(), cls
-        self.other = self.y != cls
-        self.stamped = stamp(self.x[torch.from_numpy(self.other)], kind, value)
+        other = self.y != cls
+        self.stamped, self.y_stamped = stamp(self.x[torch.from_numpy(other)], kind, value), self.y[other]
 
-    def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        clean = predict(fn, self.x)
-        st = predict(fn, self.stamped)
-        return {
-            "reliance": float((st == self.cls).mean() - (clean[self.other] == self.cls).mean()),
-            "acc": float((clean == self.y).mean()),
-            "acc_cls": float((clean[~self.other] == self.cls).mean()),
-        }
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        m = shortcut_metrics(model, self.x, self.y, self.stamped, self.y_stamped, self.cls, batch_size=500)
+        return {"reliance": m["reliance"], "acc": m["acc"], "acc_cls": m["acc_target"]}
 
 
 # ----------------------------------------------------------------------------------------- baselines
-def with_hook(model: torch.nn.Module, layer: str, hook: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
-    module = dict(model.named_modules())[layer]
+class Hooked(torch.nn.Module):
+    """``model`` with ``hook`` applied to the output of its module ``layer`` (removed after each call)."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        h = module.register_forward_hook(lambda m, i, o: hook(o))
+    def __init__(self, model: torch.nn.Module, layer: str, hook: Callable) -> None:
+        super().__init__()
+        self.model, self.layer, self.hook = model, layer, hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model.get_submodule(self.layer).register_forward_hook(lambda m, i, o: self.hook(o))
         try:
-            return model(x)
+            return self.model(x)
         finally:
             h.remove()
-
-    return run
 
 
 def layer_acts(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
     store = []
     with torch.no_grad():
-        with_hook(model, layer, lambda o: store.append(o.detach()))(x)
+        Hooked(model, layer, lambda o: store.append(o.detach()))(x)
     return store[0]
 
 
-def pclarc(model, layer, concept, other, alpha: float, seed: int) -> Callable:
+def pclarc(model, layer, concept, other, alpha: float, seed: int) -> Hooked:
     """P-ClArC: project the artifact's CAV out of the layer's activations (towards the clean mean)."""
     a_c, a_o = layer_acts(model, layer, concept).flatten(1), layer_acts(model, layer, other).flatten(1)
     x = torch.cat([a_c, a_o]).double().numpy()
@@ -168,10 +163,10 @@ def pclarc(model, layer, concept, other, alpha: float, seed: int) -> Callable:
         h = o.flatten(1)
         return (h - alpha * ((h - z) @ v)[:, None] * v[None]).reshape(o.shape)
 
-    return with_hook(model, layer, hook)
+    return Hooked(model, layer, hook)
 
 
-def ablate(model, layer, channels: list[int]) -> Callable:
+def ablate(model, layer, channels: list[int]) -> Hooked:
     idx = torch.tensor(channels, dtype=torch.long)
 
     def hook(o: torch.Tensor) -> torch.Tensor:
@@ -179,7 +174,7 @@ def ablate(model, layer, channels: list[int]) -> Callable:
         o[:, idx] = 0
         return o
 
-    return with_hook(model, layer, hook)
+    return Hooked(model, layer, hook)
 
 
 # ----------------------------------------------------------------------------------------- one model
