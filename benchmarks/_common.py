@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+T0 = time.time()  # when the benchmark started (first import of this module)
+
+
+def log(msg: str) -> None:
+    """Print ``msg`` with the seconds since the benchmark started."""
+    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 def calibrated(name: str, size: int | tuple[int, int], seed: int = 0) -> nn.Module:

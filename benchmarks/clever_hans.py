@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import log
 from sklearn.linear_model import LogisticRegression
 
 from purenn.concept import concept_virtual_indices, purify_concept, rank_concept_channels
@@ -49,12 +50,7 @@ from purenn.datasets import ConceptDataset, cached_classifier, concept_data, sma
 from purenn.unlearn import shortcut_metrics
 
 HERE = Path(__file__).resolve().parent
-T0 = time.time()
 ARTIFACTS = ("patch", "line")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import T0, log
 
 import purenn
 from purenn.cluster import CircuitKMeans
@@ -59,11 +60,6 @@ from purenn.purify import LayerPlan
 from purenn.unlearn import find_concept_neurons, unlearning_report
 
 HERE = Path(__file__).resolve().parent
-T0 = time.time()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,19 +41,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import T0, log
 
 import purenn
 from purenn.datasets import ConceptDataset, cached_classifier, concept_data, fashion_mnist, small_image_resnet
 from purenn.probe import extract_features, fit_probe
 
 HERE = Path(__file__).resolve().parent
-T0 = time.time()
 SAME_UNITS = ("channels", "virtual neurons", "channels duplicated", "random gate")
 WHOLE = ("channels", "virtual neurons")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
