@@ -46,7 +46,7 @@ from .arch import ResNetSpec
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, gate_features
-from .purify import _check_forward, _check_int, _plan_layers
+from .purify import _check_forward, _check_int, _inference_form, _plan_layers
 from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
 from .surgery import PureLayer, PurifiedModel
 
@@ -141,7 +141,7 @@ def rank_concept_channels(
     if pos == 0:
         raise LayerError("rank the channels of a stage or block output, not of the stem.")
     device = _device(base, device)
-    with _eval(base):
+    with _inference_form(base):
         return _rank(spec, layer, pos, _images(concept, "concept", batch_size), _images(other, "other", batch_size),
                      device, target)
 
@@ -183,22 +183,6 @@ def _rank(
     relative = effect / np.maximum((a + b).numpy() / 2, 1e-12)
     order = np.argsort(-effect, kind="stable")
     return ConceptChannels(layer, order.tolist(), effect, relative)
-
-
-class _eval:
-    """Run a module in eval mode and put its mode back afterwards (the caller's module is not changed)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module, self.modes = module, None
-
-    def __enter__(self) -> nn.Module:
-        self.modes = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        return self.module
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in self.modes or []:
-            m.training = mode
 
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -386,7 +370,7 @@ def purify_concept(
     o_src = _images(other, "other", batch_size)
     device = _device(base, device)
     dtype = next(base.parameters()).dtype
-    with _eval(base):
+    with _inference_form(base):
         _check_forward(spec, base, c_src.fetch([0]).to(device))
         layers_out = []
         for p in plans:
