@@ -46,7 +46,7 @@ from .arch import ResNetSpec
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, gate_features
-from .purify import _check_forward, _check_int, _inference_form, _plan_layers
+from .purify import _check_forward, _check_int, _inference_form, _model_device, _plan_layers
 from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
 from .surgery import PureLayer, PurifiedModel
 
@@ -186,8 +186,7 @@ def _rank(
 
 
 def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    p = next(model.parameters(), None)
-    here = p.device if p is not None else torch.device("cpu")
+    here = _model_device(model)
     if device is not None and torch.device(device) != here:
         raise ConfigError(
             f"the model is on {here} but device={device!r}; move the model first (purenn does not move "
