@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_unlearn import add_parser as add_unlearn_parser
 
     add_unlearn_parser(sub, _EPILOG, fmt)
+    from .cli_report import add_parser as add_report_parser
+
+    add_report_parser(sub, _EPILOG, fmt)
     return parser
 
 
