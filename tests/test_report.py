@@ -159,7 +159,7 @@ def test_top_layers_and_no_labels(case, tmp_path):
     rows = _rows(text, "neurons-table")
     assert [(r[0], int(r[1])) for r in rows] == best and len(rows) == 2
     assert "Label purity" not in text and "classes of the" not in text  # no labels: no concept shares
-    assert "the 2 highest-scoring of 6 purified neurons" in text
+    assert "The 2 highest-scoring of 6 purified neurons" in text
     index = write_report(pm, data, tmp_path / "r3", layers=["layer3"], progress=False)
     assert {r[0] for r in _rows(index.read_text(encoding="utf-8"), "neurons-table")} == {"layer3"}
 

@@ -323,19 +323,21 @@ def _neuron_html(n: _Neuron, labels: np.ndarray | None, class_names: Sequence[st
             "</figure></div></article>")
 
 
-def _th(label: str, numeric: bool = False, sort: str | None = None, sortable: bool = True) -> str:
+def _th(label: str, numeric: bool = False, sort: str | None = None, sortable: bool = True, hint: str = "") -> str:
     attrs = ' class="num" data-type="num"' if numeric else ' data-type="text"'
     attrs += f' aria-sort="{sort}"' if sort else ""
+    attrs += f' title="{_e(hint)}"' if hint else ""
     inner = f'<button type="button">{_e(label)}</button>' if sortable else _e(label)
     return f"<th{attrs}>{inner}</th>"
 
 
 def _table_html(neurons: list[_Neuron], class_names: Sequence[str] | None, with_labels: bool) -> str:
     heads = [_th("Layer"), _th("Channel", True), _th("Score", True, "descending"), _th("Virtual neurons", True),
-             _th("References per virtual neuron")]
+             _th("References per virtual neuron", True, hint="sorts by the smallest virtual neuron's share")]
     if with_labels:
-        heads += [_th("Top class per virtual neuron"), _th("Label purity", True)]
-    heads.append(_th("Suppressed", True))
+        heads += [_th("Top class per virtual neuron"),
+                  _th("Label purity", True, hint="share of references of their virtual neuron's most frequent class")]
+    heads.append(_th("Suppressed", True, hint="suppressed virtual neurons"))
     body = []
     for order, n in enumerate(neurons):
         refs = " : ".join(str(v.n_refs) for v in n.virtual)
@@ -344,7 +346,7 @@ def _table_html(neurons: list[_Neuron], class_names: Sequence[str] | None, with_
                  f'<td class="num"><a href="#{_e(n.anchor)}">{n.channel}</a></td>',
                  f'<td class="num" data-value="{n.score!r}">{n.score:.4f}</td>',
                  f'<td class="num">{len(n.virtual)}</td>',
-                 f'<td data-value="{min(v.n_refs for v in n.virtual) / max(1, sum(v.n_refs for v in n.virtual))!r}">'
+                 f'<td class="num" data-value="{min(v.n_refs for v in n.virtual) / max(1, sum(v.n_refs for v in n.virtual))!r}">'
                  f"{refs}</td>"]
         if with_labels:
             tops = "; ".join(f"{_e(v.name)} {_e(_class_name(v.shares[0][0], class_names))}" for v in n.virtual
@@ -411,7 +413,7 @@ def _page(pm: Any, neurons: list[_Neuron], labels: np.ndarray | None, class_name
     data = f"<p><b>Data:</b> {_e(data_description)}</p>" if data_description else ""
     method = "PCA" if embedding == "pca" else "t-SNE"
     count = (f"{len(neurons)} purified neurons" if len(neurons) == n_split
-             else f"the {len(neurons)} highest-scoring of {n_split} purified neurons")
+             else f"The {len(neurons)} highest-scoring of {n_split} purified neurons")
     table = _table_html(neurons, class_names, labels is not None) if neurons else \
         '<p class="meta">No neuron of these layers is split into two or more virtual neurons.</p>'
     details = "".join(_neuron_html(n, labels, class_names) for n in neurons)
