@@ -342,12 +342,12 @@ def _table_html(neurons: list[_Neuron], class_names: Sequence[str] | None, with_
     for order, n in enumerate(neurons):
         refs = " : ".join(str(v.n_refs) for v in n.virtual)
         off = [v.name for v in n.virtual if v.suppressed]
+        balance = min(v.n_refs for v in n.virtual) / max(1, sum(v.n_refs for v in n.virtual))
         cells = [f'<td><a href="#{_e(n.anchor)}">{_e(n.layer)}</a></td>',
                  f'<td class="num"><a href="#{_e(n.anchor)}">{n.channel}</a></td>',
                  f'<td class="num" data-value="{n.score!r}">{n.score:.4f}</td>',
                  f'<td class="num">{len(n.virtual)}</td>',
-                 f'<td class="num" data-value="{min(v.n_refs for v in n.virtual) / max(1, sum(v.n_refs for v in n.virtual))!r}">'
-                 f"{refs}</td>"]
+                 f'<td class="num" data-value="{balance!r}">{refs}</td>']
         if with_labels:
             tops = "; ".join(f"{_e(v.name)} {_e(_class_name(v.shares[0][0], class_names))}" for v in n.virtual
                              if v.shares)
