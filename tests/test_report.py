@@ -164,6 +164,26 @@ def test_top_layers_and_no_labels(case, tmp_path):
     assert {r[0] for r in _rows(index.read_text(encoding="utf-8"), "neurons-table")} == {"layer3"}
 
 
+def test_rgb_tensor_data_without_centroids(tmp_path):
+    """Colour images from a tensor through a DataLoader, a gate without circuit centroids, t-SNE."""
+    from torch.utils.data import DataLoader
+
+    from conftest import tiny_resnet
+
+    model = tiny_resnet()
+    data = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pm = purenn.purify_model(model, ["layer4"], data, n_refs=6, neurons={"layer4": [0, 1]}, gate="activation",
+                             progress=False)
+    index = write_report(pm, DataLoader(data, batch_size=5), tmp_path / "r", embedding="tsne", progress=False)
+    text = index.read_text(encoding="utf-8")
+    assert len(_rows(text, "neurons-table")) == 2 and "centroids" not in text
+    assert not re.search(r"\bnan\b|\binf\b", text, re.I)
+    from PIL import Image
+
+    files = sorted((tmp_path / "r" / "img").iterdir())
+    assert files and all(Image.open(f).mode == "RGB" and Image.open(f).size == (32, 32) for f in files)
+
+
 def test_callers_objects_unchanged(case, tmp_path):
     pm, data, labels = case
     state = {k: v.clone() for k, v in pm.state_dict().items()}
