@@ -89,7 +89,7 @@ def report_neurons(pm: Any, layers: Sequence[str] | None = None, top: int | None
 
     Example:
         >>> report_neurons(pm, top=2)                                  # doctest: +SKIP
-        [('layer4', 9), ('layer4', 5)]
+        [('layer4', 5), ('layer4', 9)]
     """
     names = list(pm.layers) if layers is None else list(layers)
     rows = []
