@@ -472,7 +472,10 @@ def cached_classifier(
     Returns:
         ``(model in eval mode, weights path, whether it came from the cache)``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_save
+
+    from ._files import write_chunks
 
     key = json.dumps({"name": name, "config": config or {}, "train": train_kwargs, "data": _fingerprint(dataset)},
                      sort_keys=True, default=str)
@@ -487,7 +490,6 @@ def cached_classifier(
         return model.eval(), file, True
     model = train_classifier(model, dataset, progress=progress, **train_kwargs)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"key": key})
-    tmp.replace(file)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    write_chunks(file, [safetensors_save(state, metadata={"key": key})])
     return model, file, False

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import as_int, check_int, check_memory
 from .arch import Block, ResNetSpec
 from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
@@ -46,9 +47,8 @@ class LayerPlan:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
+    """``value`` as an ``int >= low`` (NumPy and 0-d tensor integers too), else a :class:`ConfigError`."""
+    return check_int(name, value, low)
 
 
 def _plan_layers(
@@ -101,14 +101,14 @@ def _split_neuron_request(
     """Separate ``neurons`` into explicit channel lists (for :func:`_plan_layers`) and top-N counts."""
 
     def is_count(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return as_int(v) is not None
 
     names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else []
     if is_count(neurons):
-        lists, top = None, {name: int(neurons) for name in names}
+        lists, top = None, {name: as_int(neurons) for name in names}
     elif isinstance(neurons, Mapping):
         lists = {k: v for k, v in neurons.items() if not is_count(v)}
-        top = {k: int(v) for k, v in neurons.items() if is_count(v)}
+        top = {k: as_int(v) for k, v in neurons.items() if is_count(v)}
     else:
         return neurons, {}
     for name, n in top.items():
@@ -143,6 +143,15 @@ def _check_device(device: Any) -> torch.device:
     if dev.type != "cpu" and dev.index is not None and callable(count) and dev.index >= count():
         raise ConfigError(f"device {str(dev)!r} does not exist: this machine has {count()} {dev.type} device(s).")
     return dev
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype purenn computes a model in: its own, except float32 for float16 and bfloat16 models
+    (k-means and the normalised circuits need the range and precision; such models are computed on a
+    private float32 copy)."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _resolve_device(model: nn.Module, device: torch.device) -> tuple[torch.device, bool]:
@@ -218,7 +227,9 @@ def purify_model(
     Args:
         model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
             inference form (BatchNorm with its running statistics) whatever its mode, leaves its
-            mode, weights and device as they are, and the purified model shares its modules.
+            mode, weights and device as they are, and the purified model shares its modules. A
+            float16 or bfloat16 model is purified in float32 on a private copy, which the purified
+            model then holds (``pm.half()`` converts it back if wanted).
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.
@@ -286,8 +297,7 @@ def purify_model(
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
     seed = _check_int("seed", seed, 0)
     cache_memory = _check_int("cache_memory", cache_memory, 0)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    max_memory = check_memory("max_memory", max_memory)
     neurons, top = _split_neuron_request(spec, layers, neurons)
     plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
     if data is None:
@@ -296,10 +306,12 @@ def purify_model(
     if len(source) < n_refs:
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
     device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
-    owned = not there
-    if owned:  # work on a copy there; the caller's model stays where it is
-        model = _copy_module(model, lambda t: t.to(device))
+    dtype = compute_dtype(model)
+    owned = not there or dtype != next(model.parameters()).dtype
+    if owned:  # work on a copy there (in float32 for a half-precision model); the caller's model stays as it is
+        model = _copy_module(model, lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
         spec = ResNetSpec(model)
+    source.dtype = dtype
 
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
@@ -331,7 +343,6 @@ def purify_model(
             )
             for p in plans
         }
-    dtype = next(model.parameters()).dtype
     pure_layers = []
     for p in plans:
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
