@@ -295,7 +295,7 @@ def purify_model(
     gate_weight = check_gate_weight(gate_weight)
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # scikit-learn's random_state range
     cache_memory = _check_int("cache_memory", cache_memory, 0)
     max_memory = check_memory("max_memory", max_memory)
     neurons, top = _split_neuron_request(spec, layers, neurons)
