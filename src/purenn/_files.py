@@ -29,7 +29,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 __all__ = ["TEMP_TAG", "PendingWrite", "begin_write", "atomic_write", "write_chunks", "temp_path", "stale_temps",
-           "resolve_target"]
+           "resolve_target", "as_path"]
 
 #: the part of a temporary file's name that marks it as purenn's
 TEMP_TAG = ".purenn-tmp-"
@@ -77,9 +77,16 @@ def stale_temps(target: Path) -> list[Path]:
     return out
 
 
+def as_path(path: object, what: str = "path") -> Path:
+    """``path`` (a ``str`` or ``os.PathLike``) as a :class:`Path`, else a :class:`ConfigError`."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise ConfigError(f"{what} must be a file path (str or pathlib.Path), got {path!r}.")
+    return Path(path)
+
+
 def resolve_target(path: str | os.PathLike, what: str = "file") -> Path:
     """The file a write to ``path`` replaces (a symlink's target), after checking it can be written."""
-    given = Path(path)
+    given = as_path(path)
     target = Path(os.path.realpath(given)) if given.is_symlink() else given
     if target.is_dir():
         raise ConfigError(f"{str(given)!r} is a directory; give a {what} name inside it.")

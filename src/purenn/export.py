@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._files import begin_write
+from ._files import as_path, begin_write
 from ._validate import as_int, check_memory, check_number
 from ._version import __version__
 from .arch import ResNetSpec
@@ -569,7 +569,7 @@ def export_onnx(
     rtol, atol, tie_rtol = (check_number(name, v, 0) for name, v in (("rtol", rtol), ("atol", atol),
                                                                      ("tie_rtol", tie_rtol)))
     budget = check_memory("max_memory", pm.max_memory if max_memory is None else max_memory)
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a directory; give a file name such as 'model.onnx'.")
     device = next(pm.parameters()).device

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ._files import resolve_target, write_chunks
+from ._files import as_path, resolve_target, write_chunks
 from ._version import __version__
 from .arch import ResNetSpec
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
@@ -310,7 +310,7 @@ def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     """
     if not isinstance(pm, PurifiedModel):
         raise ConfigError(f"save_purified needs a PurifiedModel, got {type(pm).__name__}.")
-    path = Path(path)
+    path = as_path(path)
     resolve_target(path, "file name such as 'model.safetensors'")  # before any work: a missing directory, ...
     config = {
         "format_version": FORMAT_VERSION,
@@ -386,7 +386,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         >>> purenn.io.read_config("pure.safetensors")["architecture"]["builder"]   # doctest: +SKIP
         'resnet50'
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {str(path)!r}.")
     try:
@@ -690,7 +690,7 @@ def load_purified(
         >>> pm2 = purenn.load_purified("pure.safetensors", model=skeleton)  # doctest: +SKIP
         >>> pm3 = purenn.load_purified("edited.safetensors", verify=False)  # doctest: +SKIP
     """
-    path = Path(path)
+    path = as_path(path)
     if not isinstance(verify, bool):
         raise ConfigError(f"verify must be True or False, got {verify!r}.")
     target = None if device is None else _check_device(device)

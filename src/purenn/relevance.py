@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -304,7 +305,7 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
     """Validate a neuron list: non-empty, integer, in range, no duplicates; returned sorted."""
     if neurons is None:
         return list(range(channels))
-    if isinstance(neurons, Tensor):
+    if isinstance(neurons, (Tensor, np.ndarray)):
         neurons = neurons.tolist()
     if isinstance(neurons, (int, str)) or not isinstance(neurons, Sequence):
         raise ConfigError(f"neurons for {layer!r} must be a list of channel indices, got {neurons!r}.")

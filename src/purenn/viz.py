@@ -23,14 +23,13 @@ Example:
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._files import atomic_write, resolve_target
+from ._files import as_path, atomic_write, resolve_target
 from ._validate import check_int
 from .data import DataSource
 from .errors import ConfigError, DataError, PurennError
@@ -277,7 +276,7 @@ def save_neuron_figure(pm: Any, layer: str, channel: int, data: Any, path: str, 
         'neuron.png'
     """
     dpi = check_int("dpi", dpi, 1, MAX_DPI)
-    fmt = Path(path).suffix[1:].lower() or "png"
+    fmt = as_path(path, "path").suffix[1:].lower() or "png"
     resolve_target(path, "figure file name such as 'neuron.png'")  # before drawing: a missing directory, ...
     fig = neuron_figure(pm, layer, channel, data, **kwargs)
     try:
