@@ -209,6 +209,7 @@ PURIFY_BAD = [
     ("data-bool", None, {"data": images(12) > 0.5}, DataError),
     ("data-nan", None, {"data": images(12).index_fill(0, torch.tensor([0]), float("nan"))}, DataError),
     ("data-inf", None, {"data": images(12).index_fill(0, torch.tensor([1]), float("inf"))}, DataError),
+    ("data-nan-late", None, {"data": images(12).index_fill(0, torch.tensor([10]), float("nan"))}, DataError),
     ("data-pil-list", None, {"data": _pil()}, DataError),
     ("data-pil-labelled", None, {"data": [(im, 0) for im in _pil()]}, DataError),
     ("data-pil-image", None, {"data": _pil(1)[0]}, DataError),
