@@ -219,6 +219,7 @@ PURIFY_BAD = [
     ("data-shuffled-loader", None, {"data": DataLoader(TensorDataset(images(12)), shuffle=True)}, DataError),
     ("data-uint8-dataset", None, {"data": TensorDataset((images(12) * 255).to(torch.uint8))}, DataError),
     ("data-too-few", None, {"data": images(3)}, DataError),
+    ("data-one-channel", None, {"data": images(12, c=1)}, DataError),
     ("data-generator", None, {"data": (x for x in images(12))}, DataError),
 ]
 
@@ -340,6 +341,9 @@ RUN_BAD = [
     ("pil-image", lambda: _pil(1)[0], DataError),
     ("pil-list", lambda: _pil(2), DataError),
     ("meta", lambda: torch.empty(2, 3, SIZE, SIZE, device="meta"), DataError),
+    ("one-channel", lambda: images(2, c=1), DataError),
+    ("four-channels", lambda: images(2, c=4), DataError),
+    ("channels-last-layout", lambda: images(2).permute(0, 2, 3, 1), DataError),
 ]
 
 
@@ -552,6 +556,26 @@ def test_dtype_moves_of_the_purified_model_leave_the_callers_model(tiny, guard, 
     assert pm2.base_model is not model
     out = pm2(x)  # inputs follow the model's dtype
     torch.testing.assert_close(out.float(), pm(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("move", [lambda pm: pm.to("meta"), lambda pm: pm.to_empty(device="meta")],
+                         ids=["to-meta", "to_empty-meta"])
+def test_moving_the_purified_model_to_meta_is_refused(tiny, guard, move):
+    pm = tiny[2]
+    x = images(2, seed=2)
+    before = pm(x)
+    with pytest.raises(ConfigError):
+        move(pm)
+    assert torch.equal(pm(x), before) and pm.pure_layer("layer4").centroids.device.type == "cpu"
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 33])
+def test_small_and_odd_images_give_the_models_logits(tiny, guard, size):
+    model, _, pm, _ = tiny
+    x = images(2, seed=size, size=size)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), model(x))
+    assert {k: tuple(v.shape) for k, v in pm.gates(x).items()} == {"layer3": (2, 2), "layer4": (2, 3)}
 
 
 def test_callers_model_converted_afterwards_is_refused(tiny, guard):

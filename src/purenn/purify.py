@@ -23,7 +23,7 @@ from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
-from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
+from .relevance import DEFAULT_MAX_MEMORY, check_input, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -316,6 +316,7 @@ def purify_model(
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
         raise DataError("the first samples contain NaN or infinite values.")
+    check_input(probe, "the data", channels=model.conv1.in_channels)
     _check_forward(spec, model, probe)
 
     cache = ActivationCache({p.up_position for p in plans}, cache_memory)

@@ -324,13 +324,14 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
     return sorted(out)
 
 
-def check_input(x: object, name: str = "x", like: Tensor | None = None) -> Tensor:
+def check_input(x: object, name: str = "x", like: Tensor | None = None, channels: int | None = None) -> Tensor:
     """A 4-D floating-point image batch without NaN or inf, else a :class:`DataError`.
 
     With ``like`` (a tensor of the model), a floating-point batch of another dtype is converted to
     ``like``'s dtype (float16 images for a float32 model, ...), and a batch on another device is
     refused. Integer images (uint8, ...) and PIL images are refused with a message saying what to
-    pass, since only the caller knows the model's normalisation.
+    pass, since only the caller knows the model's normalisation. With ``channels``, a batch with
+    another number of channels is refused.
     """
     if not isinstance(x, Tensor):
         if type(x).__module__.split(".")[0] == "PIL" or (
@@ -348,6 +349,8 @@ def check_input(x: object, name: str = "x", like: Tensor | None = None) -> Tenso
             f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert images prepared as for the "
             f"model, e.g. {name}.float() / 255 followed by the model's normalisation."
         )
+    if channels is not None and x.shape[1] != channels:
+        raise DataError(f"{name} has {x.shape[1]} channels but the model's first convolution takes {channels}.")
     if like is not None:
         if x.device != like.device:
             raise DataError(f"{name} is on {x.device} but the model is on {like.device}; move it with "
@@ -406,7 +409,7 @@ def circuit_relevance(
         model = _copy_module(model, lambda t: t.float() if t.is_floating_point() else t)
         spec = ResNetSpec(model)
         weight = next(model.parameters())
-    x = check_input(x, like=weight)
+    x = check_input(x, like=weight, channels=model.conv1.in_channels)
     pos_l = spec.position(layer)
     up_name = upstream if upstream is not None else spec.default_upstream(layer)
     pos_u = spec.position(up_name)

@@ -473,6 +473,9 @@ class PurifiedModel(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PurifiedModel:
         # every conversion (.to, .cuda, .cpu, .double, .half, .float, .to_empty, ...) passes here: one
         # that would change the caller's base model converts a private copy of it instead
+        if fn(torch.zeros(())).device.type == "meta":
+            raise ConfigError("a purified model cannot move to the meta device: its centroids and weights would be "
+                              "lost. Use the 'cpu' or an accelerator device.")
         if recurse and not self._owns_base and _converts(self.base_model, fn):
             self._adopt_base(_copy_module(self.base_model, fn))
         return super()._apply(fn, recurse)
@@ -515,7 +518,7 @@ class PurifiedModel(nn.Module):
     ):
         self._check_base()
         if not _is_exporting():
-            x = check_input(x, like=self.base_model.conv1.weight)
+            x = check_input(x, like=self.base_model.conv1.weight, channels=self.base_model.conv1.in_channels)
             if x.shape[0] == 0:  # an empty batch: empty results of the right shapes, from one zero sample
                 logits, gates, feats = self._run(x.new_zeros((1, *x.shape[1:])), all_gates=all_gates, pool=pool,
                                                  select=select)
