@@ -303,8 +303,9 @@ def test_purify_accepts_equivalent_values(tiny, reference_pm, name, overrides):
 def test_half_precision_model_is_purified_in_float32_on_a_copy(tiny, dtype):
     model = copy.deepcopy(tiny[0]).to(dtype)
     with torch.no_grad():  # a dead neuron: an all-zero channel of layer4 (no NaN anywhere)
-        model.layer4[0].bn2.weight[1] = 0
-        model.layer4[0].bn2.bias[1] = -100
+        for bn in (model.layer4[0].bn2, model.layer4[0].downsample[1]):
+            bn.weight[1] = 0
+            bn.bias[1] = -100
     snap = snapshot(model)
     data = tiny[1].to(dtype)
     pm = purenn.purify_model(model, ["layer4"], data, n_refs=4, neurons={"layer4": [0, 1]}, progress=False)
@@ -313,10 +314,20 @@ def test_half_precision_model_is_purified_in_float32_on_a_copy(tiny, dtype):
     assert pm.base_model is not model and pm.base_model.conv1.weight.dtype == torch.float32
     assert torch.isfinite(pm.pure_layer("layer4").centroids).all()
     x = images(3, seed=5).to(dtype)
-    torch.testing.assert_close(pm(x), model.float()(x.float()) if False else pm(x.float()))
+    assert (layer4_of(pm.base_model, x.float())[:, 1] == 0).all()
+    torch.testing.assert_close(pm(x), pm(x.float()))
     r = purenn.circuit_relevance(model, x, "layer4", [0, 1])
     assert r.dtype == torch.float32 and torch.isfinite(r).all()
     assert_unchanged(model, snap)
+
+
+def layer4_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = {}
+    handle = model.layer4.register_forward_hook(lambda m, i, o: out.setdefault("a", o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return out["a"]
 
 
 # ============================================================================================ runtime
@@ -578,6 +589,19 @@ def test_small_and_odd_images_give_the_models_logits(tiny, guard, size):
     assert {k: tuple(v.shape) for k, v in pm.gates(x).items()} == {"layer3": (2, 2), "layer4": (2, 3)}
 
 
+def test_callers_model_in_training_mode_changes_nothing(tiny, guard):
+    model, _, pm, _ = tiny
+    x = images(4, seed=11)
+    logits, gates = pm(x), pm.gates(x)
+    model.train()
+    try:
+        assert torch.equal(pm(x), logits)
+        assert all(torch.equal(a, b) for a, b in zip(pm.gates(x).values(), gates.values()))
+        assert not pm.training
+    finally:
+        model.eval()  # the guard then checks the BatchNorm statistics did not move
+
+
 def test_callers_model_converted_afterwards_is_refused(tiny, guard):
     model, data, _, _ = tiny
     mine = copy.deepcopy(model)
@@ -805,6 +829,51 @@ def test_damaged_and_foreign_files_are_refused(saved, tmp_path, name, make, erro
             purenn.load_purified(path, model=skeleton)
     assert_unchanged(skeleton, snap)
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def _edit_tensor(src: Path, dst: Path, name_end: str, edit) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata())
+    name = next(k for k in sorted(tensors) if k.endswith(name_end))
+    tensors[name] = edit(tensors[name].clone())
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _set_first(value):
+    def edit(t):
+        t.view(-1)[0] = value
+        return t
+    return edit
+
+
+# (id, tensor name ending, edit): values no purified model can hold
+VALUE_EDITS = [
+    ("centroids-nan", "layer4.centroids", _set_first(float("nan"))),
+    ("centroids-inf", "layer4.centroids", _set_first(float("inf"))),
+    ("merge-weight-7.5", "layer4.merge_weight", _set_first(7.5)),
+    ("merge-weight-negative", "layer4.merge_weight", _set_first(-1.0)),
+    ("n-clusters-zero", "layer4.n_clusters", _set_first(0)),
+    ("n-clusters-huge", "layer4.n_clusters", _set_first(99)),
+    ("neurons-out-of-range", "layer4.neurons", _set_first(10**6)),
+    ("ref-indices-negative", "layer4.ref_indices", _set_first(-5)),
+    ("weight-nan", "base_model.conv1.weight", _set_first(float("nan"))),
+    ("running-var-negative", "base_model.bn1.running_var", _set_first(-1.0)),
+]
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+@pytest.mark.parametrize("name, tensor, edit", VALUE_EDITS, ids=[c[0] for c in VALUE_EDITS])
+def test_impossible_values_are_refused_even_without_verification(saved, tmp_path, name, tensor, edit, verify):
+    path = _edit_tensor(saved, tmp_path / "edited.safetensors", tensor, edit)
+    skeleton = tiny_model()
+    snap = snapshot(skeleton)
+    with pytest.raises(FileFormatError):
+        purenn.load_purified(path, model=skeleton, verify=verify)
+    assert_unchanged(skeleton, snap)
 
 
 @pytest.mark.parametrize("path, error", [
