@@ -3,19 +3,27 @@
 An integer option accepts a Python ``int``, a NumPy integer, or a 0-d integer tensor or array (not a
 ``bool``); a number option accepts those and floats, and must be finite. Anything else raises the
 given purenn error (:class:`~purenn.errors.ConfigError` by default) naming the option and the value.
+
+This module does not import torch (the ``purenn`` command uses it before torch is needed): a value
+can only be a tensor once torch has been imported.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import ConfigError, PurennError
 
 __all__ = ["as_int", "as_number", "check_int", "check_number", "check_memory"]
+
+
+def _is_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def as_int(value: Any) -> int | None:
@@ -25,11 +33,11 @@ def as_int(value: Any) -> int | None:
         return None
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and value.dtype not in (torch.bool, np.bool_):
-        if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex():
+    if _is_tensor(value) and value.ndim == 0:
+        if not value.is_floating_point() and not value.is_complex() and value.dtype != sys.modules["torch"].bool:
             return int(value.item())
-        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer):
-            return int(value.item())
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        return int(value.item())
     return None
 
 
@@ -41,7 +49,7 @@ def as_number(value: Any) -> float | None:
         return float(n)
     if isinstance(value, (float, np.floating)):
         out = float(value)
-    elif isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point():
+    elif _is_tensor(value) and value.ndim == 0 and value.is_floating_point():
         out = float(value.item())
     elif isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.floating):
         out = float(value.item())

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ._choices import MAX_DPI
 from ._validate import check_int, check_number
 from ._version import __version__
 from .errors import PurennError
@@ -72,7 +73,7 @@ _RANGES: dict[str, tuple[str, float | None, float | None, bool]] = {
     "top": ("--top", 1, None, False),
     "neuron": ("--neuron", 0, None, False),
     "n_images": ("--n-images", 1, 64, False),
-    "dpi": ("--dpi", 1, 1200, False),
+    "dpi": ("--dpi", 1, MAX_DPI, False),
 }
 
 

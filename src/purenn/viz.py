@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._choices import MAX_DPI
 from ._files import as_path, atomic_write, resolve_target
 from ._validate import check_int
 from .data import DataSource
@@ -37,9 +38,6 @@ from .relevance import circuit_relevance
 
 __all__ = ["MissingExtraError", "EMBEDDINGS", "MAX_DPI", "neuron_figure", "neuron_circuits", "embed_2d",
            "save_neuron_figure"]
-
-#: the highest resolution save_neuron_figure accepts (a figure at a higher dpi needs gigabytes)
-MAX_DPI = 1200
 
 EMBEDDINGS = ("pca", "tsne")
 #: colours of clusters 0, 1, 2, ... (matplotlib's tab10)
