@@ -13,7 +13,8 @@ Every file purenn writes (``PurifiedModel.save``, ``export_onnx``, figures) goes
   is kept, a new file gets ``0o666`` less the umask.
 - Temporary files that a killed run left behind (same target, purenn's pattern, and a process id
   that is not alive on this machine) are removed by the next write to that target. Files of a live
-  process, of other targets, or not named by purenn are never touched.
+  process, of other targets, or not named by purenn are never touched (nor, on Windows, any: there
+  a process cannot be probed safely).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def temp_path(target: Path) -> Path:
 
 def _alive(pid: int) -> bool:
     """Whether a process ``pid`` exists on this machine (this process counts as alive)."""
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill would terminate it: never assume dead
         return True
     if pid <= 0:
         return False
