@@ -569,15 +569,23 @@ def test_dtype_moves_of_the_purified_model_leave_the_callers_model(tiny, guard, 
     torch.testing.assert_close(out.float(), pm(x), rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("move", [lambda pm: pm.to("meta"), lambda pm: pm.to_empty(device="meta")],
-                         ids=["to-meta", "to_empty-meta"])
-def test_moving_the_purified_model_to_meta_is_refused(tiny, guard, move):
-    pm = tiny[2]
-    x = images(2, seed=2)
-    before = pm(x)
-    with pytest.raises(ConfigError):
-        move(pm)
-    assert torch.equal(pm(x), before) and pm.pure_layer("layer4").centroids.device.type == "cpu"
+@pytest.mark.parametrize("use", [
+    lambda pm, tmp: pm(images(1)),
+    lambda pm, tmp: pm.gates(images(1)),
+    lambda pm, tmp: pm.pure_features(images(1)),
+    lambda pm, tmp: pm.save(tmp / "pm.safetensors"),
+    lambda pm, tmp: purenn.export_onnx(pm, tmp / "pm.onnx", input_shape=(3, SIZE, SIZE), verify=False),
+], ids=["forward", "gates", "pure_features", "save", "export"])
+def test_a_purified_model_moved_to_meta_refuses_to_compute_or_write(tiny, guard, tmp_path, use):
+    """``pm.to("meta")`` moves a private copy (the caller's model stays); using it is a ConfigError."""
+    model, _, pm, _ = tiny
+    pm_meta = copy.deepcopy(pm)
+    pm_meta.base_model, pm_meta._owns_base = model, False  # share the caller's model, as purify_model does
+    pm_meta.to("meta")
+    assert pm_meta.base_model is not model
+    with pytest.raises(ConfigError, match="meta"):
+        use(pm_meta, tmp_path)
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("size", [1, 2, 7, 33])

@@ -299,6 +299,7 @@ class ExportReport:
 def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any) -> tuple[int, int, int]:
     if not isinstance(pm, PurifiedModel):
         raise ConfigError(f"export_onnx needs a PurifiedModel, got {type(pm).__name__}.")
+    pm._check_base()  # a base model converted behind pm's back, or a model on the meta device
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
     if len(shape) != 3 or not all((as_int(s) or 0) > 0 for s in shape):
         raise ConfigError(

@@ -312,6 +312,7 @@ def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
         raise ConfigError(f"save_purified needs a PurifiedModel, got {type(pm).__name__}.")
     path = as_path(path)
     resolve_target(path, "file name such as 'model.safetensors'")  # before any work: a missing directory, ...
+    pm._check_base()  # a model converted behind pm's back, or one on the meta device, holds nothing to save
     config = {
         "format_version": FORMAT_VERSION,
         "purenn_version": __version__,

@@ -473,9 +473,6 @@ class PurifiedModel(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PurifiedModel:
         # every conversion (.to, .cuda, .cpu, .double, .half, .float, .to_empty, ...) passes here: one
         # that would change the caller's base model converts a private copy of it instead
-        if fn(torch.zeros(())).device.type == "meta":
-            raise ConfigError("a purified model cannot move to the meta device: its centroids and weights would be "
-                              "lost. Use the 'cpu' or an accelerator device.")
         if recurse and not self._owns_base and _converts(self.base_model, fn):
             self._adopt_base(_copy_module(self.base_model, fn))
         return super()._apply(fn, recurse)
@@ -485,6 +482,11 @@ class PurifiedModel(nn.Module):
         if not self._plan:
             return
         ref = next(iter(self._plan.values()))[0].centroids
+        if ref.device.type == "meta":
+            raise ConfigError(
+                "the purified model is on the meta device and holds no data; load it again "
+                "(purenn.load_purified) or purify again to compute with it."
+            )
         m = self.base_model
         for name, t in (("conv1.weight", m.conv1.weight), ("fc.weight", getattr(m.fc, "weight", None))):
             if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
