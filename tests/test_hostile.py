@@ -898,6 +898,30 @@ def test_load_paths_that_are_not_files(tmp_path, path, error):
         purenn.io.read_config(path(tmp_path))
 
 
+LOAD_ARGS_BAD = [
+    ("verify-string", {"verify": "yes"}, ConfigError),
+    ("verify-int", {"verify": 1}, ConfigError),
+    ("device-meta", {"device": "meta"}, ConfigError),
+    ("device-nonsense", {"device": "abacus"}, ConfigError),
+    ("model-string", {"model": "resnet18"}, ConfigError),
+    ("model-state-dict", {"model": {"conv1.weight": torch.zeros(1)}}, ConfigError),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, error", LOAD_ARGS_BAD, ids=[c[0] for c in LOAD_ARGS_BAD])
+def test_load_refuses_bad_arguments(saved, name, kwargs, error):
+    with pytest.raises(error):
+        purenn.load_purified(saved, **kwargs)
+
+
+@pytest.mark.parametrize("obj", [lambda t: t[0], lambda t: None, lambda t: {"pm": t[2]}],
+                         ids=["plain-model", "none", "dict"])
+def test_save_refuses_what_is_not_a_purified_model(tiny, guard, tmp_path, obj):
+    with pytest.raises(ConfigError):
+        purenn.io.save_purified(obj(tiny), tmp_path / "pm.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("skeleton, error", [
     (lambda: torchvision.models.resnet18(num_classes=3), FileFormatError),
     (lambda: torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5), FileFormatError),
