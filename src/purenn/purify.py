@@ -23,7 +23,7 @@ from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
-from .relevance import DEFAULT_MAX_MEMORY, check_input, has_identity_path, resolve_neurons
+from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -143,15 +143,6 @@ def _check_device(device: Any) -> torch.device:
     if dev.type != "cpu" and dev.index is not None and callable(count) and dev.index >= count():
         raise ConfigError(f"device {str(dev)!r} does not exist: this machine has {count()} {dev.type} device(s).")
     return dev
-
-
-def compute_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype purenn computes a model in: its own, except float32 for float16 and bfloat16 models
-    (k-means and the normalised circuits need the range and precision; such models are computed on a
-    private float32 copy)."""
-    p = next(model.parameters(), None)
-    dtype = p.dtype if p is not None else torch.float32
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _resolve_device(model: nn.Module, device: torch.device) -> tuple[torch.device, bool]:

@@ -324,6 +324,15 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
     return sorted(out)
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype purenn computes a model in: its own, except float32 for float16 and bfloat16 models
+    (k-means and the normalised circuits need the range and precision; such models are computed on a
+    private float32 copy)."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_input(x: object, name: str = "x", like: Tensor | None = None, channels: int | None = None) -> Tensor:
     """A 4-D floating-point image batch without NaN or inf, else a :class:`DataError`.
 
@@ -403,7 +412,7 @@ def circuit_relevance(
         model = model.base_model
     spec = ResNetSpec(model)
     weight = next(model.parameters())
-    if weight.dtype in (torch.float16, torch.bfloat16):  # computed in float32 on a private copy
+    if compute_dtype(model) != weight.dtype:  # a half-precision model: computed in float32 on a private copy
         from .surgery import _copy_module
 
         model = _copy_module(model, lambda t: t.float() if t.is_floating_point() else t)
