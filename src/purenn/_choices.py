@@ -4,9 +4,11 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.gating` and :mod:`purenn.cluster` re-export them.
 """
 
-__all__ = ["GATES", "SCORES"]
+__all__ = ["GATES", "SCORES", "MAX_DPI"]
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
 #: polysemanticity scores of :class:`purenn.cluster.CircuitKMeans`
 SCORES = ("silhouette", "contrast")
+#: the highest resolution a figure is drawn at (one at a higher dpi needs gigabytes)
+MAX_DPI = 1200

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ._choices import MAX_DPI
+from ._validate import check_int, check_number
 from ._version import __version__
 from .errors import PurennError
 from .loaders import ARCHITECTURES, InputError, LoadedData, load_checkpoint_model, load_data, torchvision_model
@@ -51,6 +53,44 @@ _INSTALL = {"matplotlib": 'pip install "purenn[viz]"', "onnx": "pip install onnx
 
 
 # ============================================================================================ inputs
+#: numeric options, by argparse dest, checked for every command before it runs (exit code 3):
+#: flag, lowest and highest allowed value (None: unbounded), whether the lowest is excluded.
+#: Options of one dest that are not numbers (purify's --neurons N|LAYER:N) and --test-fraction (open
+#: at both ends) are checked where they are used.
+_RANGES: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "image_size": ("--image-size", 1, 8192, False),
+    "limit": ("--limit", 1, None, False),
+    "mean": ("--mean", None, None, False),
+    "std": ("--std", 0, None, True),
+    "n_refs": ("--n-refs", 1, None, False),
+    "max_clusters": ("--max-clusters", 2, None, False),
+    "neurons": ("--neurons", 1, None, False),
+    "rest_clusters": ("--rest-clusters", 1, None, False),
+    "gate_weight": ("--gate-weight", 0, None, False),
+    "batch_size": ("--batch-size", 1, None, False),
+    "workers": ("--workers", 0, None, False),
+    "seed": ("--seed", 0, 2**32 - 1, False),
+    "top": ("--top", 1, None, False),
+    "neuron": ("--neuron", 0, None, False),
+    "n_images": ("--n-images", 1, 64, False),
+    "dpi": ("--dpi", 1, MAX_DPI, False),
+}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Refuse a numeric option outside its range (see ``_RANGES``) with an :class:`InputError`."""
+    for dest, (flag, low, high, low_open) in _RANGES.items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, int) and not low_open:
+                check_int(flag, v, None if low is None else int(low), None if high is None else int(high),
+                          error=InputError)
+            else:
+                check_number(flag, v, low, high, low_open=low_open, error=InputError)
+
+
 def _parse_blocks(text: str) -> tuple[int, ...]:
     try:
         blocks = tuple(int(v) for v in text.split(","))
@@ -582,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     prefix = f"purenn {args.command}: error:"
     try:
+        _check_ranges(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import as_int, check_int, check_memory
 from .arch import Block, ResNetSpec
 from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
@@ -22,7 +23,7 @@ from .data import DataSource
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
-from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
+from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -46,9 +47,8 @@ class LayerPlan:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
+    """``value`` as an ``int >= low`` (NumPy and 0-d tensor integers too), else a :class:`ConfigError`."""
+    return check_int(name, value, low)
 
 
 def _plan_layers(
@@ -101,14 +101,14 @@ def _split_neuron_request(
     """Separate ``neurons`` into explicit channel lists (for :func:`_plan_layers`) and top-N counts."""
 
     def is_count(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return as_int(v) is not None
 
     names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else []
     if is_count(neurons):
-        lists, top = None, {name: int(neurons) for name in names}
+        lists, top = None, {name: as_int(neurons) for name in names}
     elif isinstance(neurons, Mapping):
         lists = {k: v for k, v in neurons.items() if not is_count(v)}
-        top = {k: int(v) for k, v in neurons.items() if is_count(v)}
+        top = {k: as_int(v) for k, v in neurons.items() if is_count(v)}
     else:
         return neurons, {}
     for name, n in top.items():
@@ -218,7 +218,9 @@ def purify_model(
     Args:
         model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
             inference form (BatchNorm with its running statistics) whatever its mode, leaves its
-            mode, weights and device as they are, and the purified model shares its modules.
+            mode, weights and device as they are, and the purified model shares its modules. A
+            float16 or bfloat16 model is purified in float32 on a private copy, which the purified
+            model then holds (``pm.half()`` converts it back if wanted).
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.
@@ -284,10 +286,9 @@ def purify_model(
     gate_weight = check_gate_weight(gate_weight)
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # scikit-learn's random_state range
     cache_memory = _check_int("cache_memory", cache_memory, 0)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    max_memory = check_memory("max_memory", max_memory)
     neurons, top = _split_neuron_request(spec, layers, neurons)
     plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
     if data is None:
@@ -296,14 +297,17 @@ def purify_model(
     if len(source) < n_refs:
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
     device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
-    owned = not there
-    if owned:  # work on a copy there; the caller's model stays where it is
-        model = _copy_module(model, lambda t: t.to(device))
+    dtype = compute_dtype(model)
+    owned = not there or dtype != next(model.parameters()).dtype
+    if owned:  # work on a copy there (in float32 for a half-precision model); the caller's model stays as it is
+        model = _copy_module(model, lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
         spec = ResNetSpec(model)
+    source.dtype = dtype
 
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
         raise DataError("the first samples contain NaN or infinite values.")
+    check_input(probe, "the data", channels=model.conv1.in_channels)
     _check_forward(spec, model, probe)
 
     cache = ActivationCache({p.up_position for p in plans}, cache_memory)
@@ -331,7 +335,6 @@ def purify_model(
             )
             for p in plans
         }
-    dtype = next(model.parameters()).dtype
     pure_layers = []
     for p in plans:
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
