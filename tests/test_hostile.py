@@ -1091,6 +1091,13 @@ CLI_BAD = [
     ("unlearn-gate-weight-inf", _UNLEARN + ["--gate-weight", "inf"], 3),
     ("unlearn-examples-missing", ["unlearn", "resnet18", "--checkpoint", "{pt}", "--examples", "{root}/absent"], 3),
     ("unlearn-out-missing-dir", _UNLEARN + ["--out", "{root}/nope/u.safetensors"], 3),
+    ("report-top-0", ["report", "{pm}", "--data", "{images}", "--image-size", "16", "--top", "0",
+                      "--out", "{root}/rep"], 3),
+    ("report-n-images-0", ["report", "{pm}", "--data", "{images}", "--image-size", "16", "--n-images", "0",
+                           "--out", "{root}/rep"], 3),
+    ("report-out-missing-dir", ["report", "{pm}", "--data", "{images}", "--image-size", "16",
+                                "--out", "{root}/nope/rep"], 3),
+    ("report-missing-model", ["report", "{root}/absent.safetensors", "--data", "{images}", "--out", "{root}/rep"], 3),
 ]
 
 
