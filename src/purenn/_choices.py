@@ -4,9 +4,11 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.gating` and :mod:`purenn.cluster` re-export them.
 """
 
-__all__ = ["GATES", "SCORES"]
+__all__ = ["GATES", "PRECISIONS", "SCORES"]
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
 #: polysemanticity scores of :class:`purenn.cluster.CircuitKMeans`
 SCORES = ("silhouette", "contrast")
+#: arithmetic of the relevance stage (see :mod:`purenn.precision`)
+PRECISIONS = ("float32", "tf32", "bf16")

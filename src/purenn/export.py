@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
 from .surgery import POOLS, PurifiedModel
@@ -498,6 +499,7 @@ def _remove(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- export
+@writes_on_rank_zero
 def export_onnx(
     pm: PurifiedModel,
     path: str | os.PathLike,

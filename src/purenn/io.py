@@ -55,6 +55,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
 from .gating import CIRCUIT_GATES
 from .purify import _check_device
@@ -299,11 +300,13 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Pa
         raise
 
 
+@writes_on_rank_zero
 def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     """Write ``pm`` to one safetensors file (see the module docstring for the layout).
 
     The write is atomic: the file appears at ``path`` complete or not at all (an existing file
-    stays as it was if writing fails).
+    stays as it was if writing fails). Under torch.distributed only rank 0 writes; the other ranks
+    wait for it and write nothing.
 
     Returns:
         The path written.
