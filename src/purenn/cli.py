@@ -213,7 +213,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             model, layers, data.dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
             max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
             batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed,
-            workers=args.workers, precision=args.precision,
+            workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir,
         )
         pm.to("cpu")
         pm.save(out)  # rank 0 writes, the other ranks wait for it
@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="arithmetic of the relevance stage: tf32 needs CUDA (default float32)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="keep the run's state in DIR; running the same command "
+                   "again continues an interrupted run (other arguments or data are refused)")
     p.add_argument("-o", "--out", default="purified.safetensors", metavar="FILE",
                    help="output file (default purified.safetensors)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")

@@ -7,6 +7,7 @@ not its weights, not its mode (it runs in inference form whatever its mode), not
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
 from .precision import check_precision
 from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
+from .resume import Checkpoint, run_fingerprint
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -241,6 +243,7 @@ def purify_model(
     cache_memory: int = DEFAULT_CACHE_MEMORY,
     precision: str = "float32",
     workers: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
 
@@ -294,6 +297,11 @@ def purify_model(
             ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast); see :mod:`purenn.precision`.
         workers: data loading processes (a ``DataLoader``'s ``num_workers``; default: the given
             DataLoader's, else 0). On a CUDA device batches are loaded into pinned memory.
+        checkpoint_dir: a folder where the run keeps its state (the reference pass's running
+            top-n tables, every finished relevance chunk), written atomically as it goes; running
+            again with the same arguments, model and data continues where an interrupted run
+            stopped and gives the same result. Other arguments or data are refused with a
+            :class:`ConfigError`. See :mod:`purenn.resume`.
 
     Under torch.distributed (a default process group is initialised, e.g. by ``torchrun``) the
     work is split across ranks and every rank returns the same model, equal to the single-process
@@ -349,12 +357,14 @@ def purify_model(
     precision = check_precision(precision, device)
     source.pin_memory = device.type == "cuda" and source.num_workers > 0
     rank, world = world_info()
+    args_text = _run_fingerprint(
+        layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, top=top, upstream=upstream,
+        skip_aware=skip_aware, max_clusters=max_clusters, gate=gate, gate_weight=gate_weight, score=score,
+        batch_size=batch_size, seed=seed, precision=precision, max_memory=max_memory, device=device.type,
+        dtype=str(next(model.parameters()).dtype),
+    )
     if world > 1:
-        _check_same_run(model, len(source), _run_fingerprint(
-            layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, upstream=upstream,
-            skip_aware=skip_aware, max_clusters=max_clusters, gate=gate, gate_weight=gate_weight, score=score,
-            batch_size=batch_size, seed=seed, precision=precision,
-        ))
+        _check_same_run(model, len(source), args_text)
     owned = not there
     if owned:  # work on a copy there; the caller's model stays where it is
         model = _copy_module(model, lambda t: t.to(device))
@@ -365,16 +375,20 @@ def purify_model(
         raise DataError("the first samples contain NaN or infinite values.")
     _check_forward(spec, model, probe)
 
+    checkpoint = None
+    if checkpoint_dir is not None:  # no activation cache: a resumed run computes what an uninterrupted one does
+        checkpoint = Checkpoint(checkpoint_dir, run_fingerprint(args_text, model, source, world), rank=rank)
+        cache_memory = 0
     cache = ActivationCache({p.up_position for p in plans}, cache_memory)
     refs = collect_references(
         spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
-        cache=cache, channels={p.layer: list(p.neurons) for p in plans},
+        cache=cache, channels={p.layer: list(p.neurons) for p in plans}, checkpoint=checkpoint,
     )
     progress = progress and rank == 0
     if gate in CIRCUIT_GATES:
         features = fit_circuits(
             spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
-            progress=progress, cache=cache, precision=precision,
+            progress=progress, cache=cache, precision=precision, checkpoint=checkpoint,
         )
         if gate == "circuit+map":
             for p in plans:
