@@ -112,7 +112,7 @@ def fit_circuits(
 
     n_pairs = sum(b - a for _, ids in chunks for p in plans for a, b in [span(p, ids)])
     bar = stage_bar("circuit relevance", n_pairs, "pair", progress and rank == 0, world=world)
-    with torch.no_grad(), relevance_precision(precision, store):
+    with torch.no_grad():
         for key, ids in chunks:
             done = checkpoint.load_chunk(key) if checkpoint is not None else None
             if done is None and not use_cache:
@@ -136,15 +136,16 @@ def fit_circuits(
                 dev = acts[p.position].device
                 local = torch.searchsorted(ids, sid[a:b]).to(dev)
                 neurons = neuron_t[p.layer][nid[a:b]].to(dev)
-                r = pair_relevance(
-                    p.blocks(spec),
-                    [recs[j] for j in range(p.up_position + 1, p.position + 1)],
-                    acts[p.up_position],
-                    acts[p.position],
-                    local,
-                    neurons,
-                    max_memory,
-                )
+                with relevance_precision(precision, dev):  # the per-pair backward; forwards stay exact
+                    r = pair_relevance(
+                        p.blocks(spec),
+                        [recs[j] for j in range(p.up_position + 1, p.position + 1)],
+                        acts[p.up_position],
+                        acts[p.position],
+                        local,
+                        neurons,
+                        max_memory,
+                    )
                 r = normalize_relevance(r.to(dtype), neurons, drop_self=p.skip_aware)
                 out[p.layer][order[a:b].to(store)] = r.to(store)
                 rows[p.layer] = r

@@ -355,7 +355,7 @@ def purify_model(
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
     device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
     precision = check_precision(precision, device)
-    source.pin_memory = device.type == "cuda" and source.num_workers > 0
+    source.pin_memory = device.type == "cuda"  # page-locked batches: host-to-device copies overlap compute
     rank, world = world_info()
     args_text = _run_fingerprint(
         layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, top=top, upstream=upstream,
