@@ -90,3 +90,35 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
             torch.testing.assert_close(f2[key], f1[key], rtol=1e-5, atol=0, msg=key)
     for rank in (0, 1):
         assert "map-style dataset" in (tmp_path / f"iterable.rank{rank}.txt").read_text()
+
+
+@pytest.mark.slow
+def test_torchrun_purify_command(tmp_path):
+    """``torchrun --nproc_per_node=2 -m purenn purify ...`` writes one file (rank 0), equal to the
+    single-process command's within 1e-5 relative, with the same references."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray((rng.random((36, 36, 3)) * 120 + 60 * c).astype(np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    torch.save(_dist_worker.model().state_dict(), tmp_path / "r18.pt")
+    args = ["purify", "resnet18", "-c", str(tmp_path / "r18.pt"), "--data", str(tmp_path / "images"),
+            "--image-size", "32", "--channels", "layer4:0,5,9,13", "--n-refs", "5", "--batch-size", "4", "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "purenn", *args, "-o", str(tmp_path / "one.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "purenn", *args, "-o", str(tmp_path / "two.safetensors")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert two.stdout.count("saved ") == 1  # rank 0 alone reports
+    f1, f2 = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert f1.keys() == f2.keys()
+    for key in f1:
+        if f1[key].is_floating_point():
+            torch.testing.assert_close(f2[key], f1[key], rtol=1e-5, atol=1e-5 * float(f1[key].abs().max()), msg=key)
+        else:
+            assert torch.equal(f1[key], f2[key]), key
