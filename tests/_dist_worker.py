@@ -68,7 +68,19 @@ def main(out: Path) -> None:
         torch.save(summary(pm), out / f"{case}.world{world}.rank{rank}.pt")
         target = out / f"{case}.world{world}.safetensors" if rank == 0 else out / f"{case}.rank{rank}.safetensors"
         pm.save(target)
-    if world > 1:  # an iterable dataset is refused with a purenn error on every rank
+        if case == "cached" and world > 1:  # export: rank 0 writes, rank 1 gets rank 0's report
+            onnx = out / ("export.onnx" if rank == 0 else f"export.rank{rank}.onnx")
+            report = purenn.export_onnx(pm, onnx, input_shape=(3, 32, 32), batch_sizes=(2,))
+            (out / f"export.rank{rank}.txt").write_text(f"{report.ok} {report.path}")
+    if world > 1:  # ranks given different arguments are refused, on every rank alike
+        try:
+            purenn.purify_model(m, data=x, layers=["layer4"], n_refs=3 + rank, neurons={"layer4": [0]},
+                                progress=False)
+            msg = "no error"
+        except purenn.PurennError as e:
+            msg = str(e)
+        (out / f"mismatch.rank{rank}.txt").write_text(msg)
+        # an iterable dataset is refused with a purenn error on every rank
         class Stream(torch.utils.data.IterableDataset):
             def __iter__(self):
                 return iter(x)

@@ -90,6 +90,9 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
             torch.testing.assert_close(f2[key], f1[key], rtol=1e-5, atol=0, msg=key)
     for rank in (0, 1):
         assert "map-style dataset" in (tmp_path / f"iterable.rank{rank}.txt").read_text()
+        assert "rank(s) [1] differ from rank 0" in (tmp_path / f"mismatch.rank{rank}.txt").read_text()
+        assert (tmp_path / f"export.rank{rank}.txt").read_text() == f"True {tmp_path / 'export.onnx'}"
+    assert (tmp_path / "export.onnx").is_file() and not (tmp_path / "export.rank1.onnx").exists()
 
 
 @pytest.mark.slow

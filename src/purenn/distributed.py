@@ -10,9 +10,20 @@ own ``torch.distributed.init_process_group``), :func:`purenn.purify_model` split
 - relevance: the (sample, neuron) pairs, grouped by sample in chunks, are split across ranks and
   the rows are summed into one table on every rank (each row is computed by exactly one rank);
 - clustering: split by neuron, each neuron fitted by one rank with the seed it gets in a single
-  process, and the fits gathered;
+  process, and the fits gathered (k-means per neuron is independent and deterministic, so the
+  split changes nothing; it is cheap, about 35 ms per neuron of 100 references on one CPU core, but
+  not free: a minute for 2048 neurons, divided by the ranks);
+- forward-only baseline gates (``gate="activation"`` etc.) compute their features on every rank
+  alike (one forward per reference sample, small next to the reference pass);
 - files: only rank 0 writes (:func:`rank_zero_write`); the other ranks wait for it and raise if it
   failed.
+
+The result equals the single-process one: the same references and integer tensors, float tensors
+within 1e-5 relative, bit-identical when every sample's arithmetic is the same. It is whenever the
+relevance stage recomputes its forwards (``cache_memory=0``, or a checkpoint folder): chunks are
+then the single process's chunks dealt round-robin. With the activation cache a rank works on the
+reference samples of its own shard (whose activations it kept), grouped in other chunks than one
+process groups them, and the segment forward can differ in the last bits (5e-7 relative seen).
 
 Without a process group every function here is the identity of a single process (rank 0 of 1).
 
