@@ -293,8 +293,9 @@ def purify_model(
         cache_memory: bytes the streaming pass may spend keeping the upstream activations of the
             reference candidates, so fitting need not run the network again (0 disables it; when
             the candidates need more, fitting recomputes their forward pass instead).
-        precision: arithmetic of the relevance stage: ``"float32"`` (default: the model's dtype),
-            ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast); see :mod:`purenn.precision`.
+        precision: arithmetic of the per-pair relevance backward: ``"float32"`` (default: the
+            model's dtype), ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast); forwards stay in the
+            model's dtype. See :mod:`purenn.precision`.
         workers: data loading processes (a ``DataLoader``'s ``num_workers``; default: the given
             DataLoader's, else 0). On a CUDA device batches are loaded into pinned memory.
         checkpoint_dir: a folder where the run keeps its state (the reference pass's running
