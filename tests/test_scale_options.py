@@ -98,3 +98,31 @@ def test_stage_bar_names_rank_share(capsys):
     bar.update(10)
     bar.close()
     assert "circuit relevance (rank 0 of 4)" in capsys.readouterr().err
+
+
+def test_command_options(tmp_path, capsys):
+    """``purenn purify --precision tf32`` is refused on CPU with the reason; ``--checkpoint-dir`` and
+    ``--workers`` run, and a second identical command accepts the folder and gives the same tensors."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from purenn import cli
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("a", "b")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.random((36, 36, 3)) * 120 + 60 * c).astype(np.uint8)).save(
+                tmp_path / "images" / name / f"{i}.png")
+    torch.save(model().state_dict(), tmp_path / "r18.pt")
+    args = ["purify", "resnet18", "-c", str(tmp_path / "r18.pt"), "--data", str(tmp_path / "images"),
+            "--image-size", "32", "--channels", "layer4:0,7", "--n-refs", "4", "--batch-size", "4", "-q"]
+    assert cli.main([*args, "--precision", "tf32", "-o", str(tmp_path / "x.safetensors")]) == 3
+    assert "needs a CUDA device" in capsys.readouterr().err
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--workers", "1"]
+    assert cli.main([*args, *ck, "-o", str(tmp_path / "one.safetensors")]) == 0
+    assert (tmp_path / "ck" / "run.json").is_file() and any((tmp_path / "ck" / "relevance").iterdir())
+    assert cli.main([*args, *ck, "-o", str(tmp_path / "two.safetensors")]) == 0
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert all(torch.equal(one[k], two[k]) for k in one)
