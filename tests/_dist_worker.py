@@ -72,6 +72,13 @@ def main(out: Path) -> None:
             onnx = out / ("export.onnx" if rank == 0 else f"export.rank{rank}.onnx")
             report = purenn.export_onnx(pm, onnx, input_shape=(3, 32, 32), batch_sizes=(2,))
             (out / f"export.rank{rank}.txt").write_text(f"{report.ok} {report.path}")
+    if world > 1:  # fewer samples than n_refs (3 batches of 2 over 2 ranks): every sample, no padding
+        from purenn.arch import ResNetSpec
+        from purenn.collect import collect_references
+        from purenn.data import DataSource
+
+        few = collect_references(ResNetSpec(m), DataSource.from_data(x[:5], 2), {"layer4": 8}, 8)["layer4"]
+        (out / f"few.rank{rank}.txt").write_text(f"{tuple(few.indices.shape)} {sorted(few.indices[0].tolist())}")
     if world > 1:  # ranks given different arguments are refused, on every rank alike
         try:
             purenn.purify_model(m, data=x, layers=["layer4"], n_refs=3 + rank, neurons={"layer4": [0]},

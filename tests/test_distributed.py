@@ -91,6 +91,7 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
     for rank in (0, 1):
         assert "map-style dataset" in (tmp_path / f"iterable.rank{rank}.txt").read_text()
         assert "rank(s) [1] differ from rank 0" in (tmp_path / f"mismatch.rank{rank}.txt").read_text()
+        assert (tmp_path / f"few.rank{rank}.txt").read_text() == "(512, 5) [0, 1, 2, 3, 4]"
         assert (tmp_path / f"export.rank{rank}.txt").read_text() == f"True {tmp_path / 'export.onnx'}"
     assert (tmp_path / "export.onnx").is_file() and not (tmp_path / "export.rank1.onnx").exists()
 

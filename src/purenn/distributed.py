@@ -116,7 +116,8 @@ def all_gather_top(values: Tensor, indices: Tensor, n: int) -> tuple[Tensor, Ten
     torch.distributed.all_gather(vs, v)
     torch.distributed.all_gather(is_, i)
     mv, mi = merge_top(torch.cat(vs), torch.cat(is_), n)
-    return mv.to(values.device), mi.to(indices.device)
+    rows = int((mi[:, 0] != _PAD_INDEX).sum()) if mi.shape[1] else mi.shape[0]  # fewer samples than n in all
+    return mv[:rows].to(values.device), mi[:rows].to(indices.device)
 
 
 def all_reduce_sum(t: Tensor, chunk_bytes: int = 1 << 28) -> Tensor:
