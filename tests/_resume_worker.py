@@ -40,4 +40,10 @@ def run(checkpoint_dir, out, **overrides):
 
 
 if __name__ == "__main__":
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        torch.distributed.init_process_group("gloo")
     run(sys.argv[1], sys.argv[2])
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -117,3 +117,22 @@ def test_a_file_is_not_a_checkpoint_folder(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(purenn.ConfigError, match="not a folder"):
         _resume_worker.run(tmp_path / "f", None)
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_during_relevance_resume_to_the_single_process_file(tmp_path, reference):
+    """torchrun with 2 ranks, one rank SIGKILLed after its first relevance chunk (torchrun then stops
+    the other), run again: the file equals the single-process uninterrupted run's."""
+    def torchrun(extra_env):
+        env = dict(os.environ, OMP_NUM_THREADS="1", **extra_env)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "_resume_worker.py"), str(tmp_path / "ck"), str(tmp_path / "out.safetensors")]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    killed = torchrun({"PURENN_TEST_KILL_AFTER": "relevance:1", "PURENN_CHECKPOINT_INTERVAL": "0"})
+    assert killed.returncode != 0 and not (tmp_path / "out.safetensors").exists()
+    assert {p.name for p in (tmp_path / "ck").glob("collect.rank*.pt")} == {"collect.rank0.pt", "collect.rank1.pt"}
+    assert 1 <= len(list((tmp_path / "ck" / "relevance").glob("chunk*.pt"))) <= 2
+    resumed = torchrun({})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_file(tmp_path / "out.safetensors", reference)
