@@ -4,7 +4,7 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.gating` and :mod:`purenn.cluster` re-export them.
 """
 
-__all__ = ["GATES", "SCORES", "MAX_DPI"]
+__all__ = ["GATES", "PRECISIONS", "SCORES", "MAX_DPI"]
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
@@ -12,3 +12,5 @@ GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
 SCORES = ("silhouette", "contrast")
 #: the highest resolution a figure is drawn at (one at a higher dpi needs gigabytes)
 MAX_DPI = 1200
+#: arithmetic of the relevance stage (see :mod:`purenn.precision`)
+PRECISIONS = ("float32", "tf32", "bf16")

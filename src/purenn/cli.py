@@ -164,7 +164,7 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
         print(text, file=sys.stderr)
 
 
@@ -245,19 +245,25 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     in_ch = int(model.conv1.in_channels)
     data = _data_from_args(args, in_ch)
     _say(args, f"model: {origin}\ndata: {data.description}")
-    dataset: Any = data.dataset
-    if args.workers:
-        from torch.utils.data import DataLoader
+    from .distributed import init_from_env
 
-        dataset = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    pm = purify_model(
-        model, layers, dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
-        max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
-        batch_size=args.batch_size, device=args.device,
-        progress=not args.quiet, seed=args.seed,
-    )
-    pm.to("cpu")
-    pm.save(out)
+    device, started = init_from_env(args.device)  # under torchrun: one process group, one GPU per rank
+    try:
+        pm = purify_model(
+            model, layers, data.dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
+            max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
+            batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed,
+            workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir,
+        )
+        pm.to("cpu")
+        pm.save(out)  # rank 0 writes, the other ranks wait for it
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone reports
+        return EXIT_OK
     for name in pm.layers:
         pl = pm.pure_layer(name)
         split = int((pl.n_clusters > 1).sum())
@@ -482,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from ._choices import GATES, SCORES
+    from ._choices import GATES, PRECISIONS, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -526,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="arithmetic of the relevance stage: tf32 needs CUDA (default float32)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="keep the run's state in DIR; running the same command "
+                   "again continues an interrupted run (other arguments or data are refused)")
     p.add_argument("-o", "--out", default="purified.safetensors", metavar="FILE",
                    help="output file (default purified.safetensors)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")

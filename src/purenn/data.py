@@ -89,6 +89,7 @@ class DataSource:
         self.num_workers = num_workers
         #: the dtype inputs are converted to (the model's), or None to keep theirs
         self.dtype: torch.dtype | None = None
+        self.pin_memory = False  # set by purify_model when it computes on a CUDA device
 
     @classmethod
     def from_data(cls, data: Any, batch_size: int = 64) -> DataSource:
@@ -133,13 +134,19 @@ class DataSource:
 
     def _loader(self, dataset: Dataset | Sequence) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn, num_workers=self.num_workers
+            dataset, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate_fn,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
         )
 
-    def batches(self) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(start_index, inputs)`` over the whole data in order."""
-        start = 0
-        for batch in self._loader(self.dataset):
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(start_index, inputs)`` over samples ``[start, stop)`` (default all) in order.
+
+        With ``start`` a multiple of ``batch_size`` the batches are the same ones the whole pass
+        yields (a shard or a resumed pass computes every sample in the same batch).
+        """
+        stop = len(self.dataset) if stop is None else stop
+        data = self.dataset if (start, stop) == (0, len(self.dataset)) else Subset(self.dataset, range(start, stop))
+        for batch in self._loader(data):
             x = cast_inputs(_inputs(batch), self.dtype)
             yield start, x
             start += len(x)
@@ -155,9 +162,10 @@ class _TensorSource(DataSource):
     def __init__(self, data: Tensor, batch_size: int):
         super().__init__(data, batch_size)
 
-    def batches(self) -> Iterator[tuple[int, Tensor]]:
-        for s in range(0, len(self.dataset), self.batch_size):
-            yield s, cast_inputs(self.dataset[s : s + self.batch_size], self.dtype)
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        stop = len(self.dataset) if stop is None else stop
+        for s in range(start, stop, self.batch_size):
+            yield s, cast_inputs(self.dataset[s : min(s + self.batch_size, stop)], self.dtype)
 
     def fetch(self, indices: Sequence[int] | Tensor) -> Tensor:
         idx = indices if isinstance(indices, Tensor) else torch.as_tensor(list(indices), dtype=torch.long)

@@ -56,6 +56,7 @@ from ._files import as_path, begin_write
 from ._validate import as_int, check_memory, check_number
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
 from .surgery import POOLS, PurifiedModel
@@ -495,6 +496,7 @@ def _verification_inputs(
 
 
 # ---------------------------------------------------------------------------------------- export
+@writes_on_rank_zero
 def export_onnx(
     pm: PurifiedModel,
     path: str | os.PathLike,

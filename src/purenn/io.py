@@ -55,6 +55,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ._files import as_path, resolve_target, write_chunks
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
 from .gating import CIRCUIT_GATES
 from .purify import _check_device
@@ -291,6 +292,7 @@ def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Pa
     write_chunks(path, [safetensors_save(tensors, metadata=metadata)], "file name such as 'model.safetensors'")
 
 
+@writes_on_rank_zero
 def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     """Write ``pm`` to one safetensors file (see the module docstring for the layout).
 
@@ -300,6 +302,7 @@ def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     a normal file's mode (an existing file's mode, else ``0o666`` less the umask); a symbolic link
     is written through (the file it points to is replaced). A missing directory raises
     :class:`~purenn.errors.ConfigError` naming it.
+    Under torch.distributed only rank 0 writes; the other ranks wait for it and write nothing.
 
     Returns:
         The path written.

@@ -7,6 +7,7 @@ not its weights, not its mode (it runs in inference form whatever its mode), not
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,16 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
 from ._validate import as_int, check_int, check_memory
 from .arch import Block, ResNetSpec
 from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
 from .data import DataSource
+from .distributed import all_gather_object, fit_by_neuron, is_distributed, world_info
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
+from .precision import check_precision
 from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
+from .resume import Checkpoint, run_fingerprint
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -187,6 +192,35 @@ def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
         )
 
 
+def _run_fingerprint(**kwargs: Any) -> str:
+    """The arguments that decide a run's result, as canonical text (for cross-rank and resume checks)."""
+    import json
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    return json.dumps(plain(kwargs), sort_keys=True, default=str)
+
+
+def _check_same_run(model: nn.Module, n: int, args: str) -> None:
+    """Refuse, on every rank alike, ranks that were given different arguments, data sizes or models."""
+    weights = sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    mine = (args, n, weights)
+    every = all_gather_object(mine)
+    if any(other != mine for other in every):
+        diff = [r for r, other in enumerate(every) if other != every[0]]
+        raise ConfigError(
+            f"under torch.distributed every rank must call purify_model with the same arguments, model and data; "
+            f"rank(s) {diff} differ from rank 0 (arguments, data length or weights)."
+        )
+
+
 def purify_model(
     model: nn.Module,
     layers: Sequence[str] = ("layer4",),
@@ -207,6 +241,9 @@ def purify_model(
     seed: int = 0,
     max_memory: int = DEFAULT_MAX_MEMORY,
     cache_memory: int = DEFAULT_CACHE_MEMORY,
+    precision: str = "float32",
+    workers: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
 
@@ -258,6 +295,21 @@ def purify_model(
         cache_memory: bytes the streaming pass may spend keeping the upstream activations of the
             reference candidates, so fitting need not run the network again (0 disables it; when
             the candidates need more, fitting recomputes their forward pass instead).
+        precision: arithmetic of the per-pair relevance backward: ``"float32"`` (default: the
+            model's dtype), ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast); forwards stay in the
+            model's dtype. See :mod:`purenn.precision`.
+        workers: data loading processes (a ``DataLoader``'s ``num_workers``; default: the given
+            DataLoader's, else 0). On a CUDA device batches are loaded into pinned memory.
+        checkpoint_dir: a folder where the run keeps its state (the reference pass's running
+            top-n tables, every finished relevance chunk), written atomically as it goes; running
+            again with the same arguments, model and data continues where an interrupted run
+            stopped and gives the same result. Other arguments or data are refused with a
+            :class:`ConfigError`. See :mod:`purenn.resume`.
+
+    Under torch.distributed (a default process group is initialised, e.g. by ``torchrun``) the
+    work is split across ranks and every rank returns the same model, equal to the single-process
+    result (see :mod:`purenn.distributed`); ``data`` must then be map-style (indexable), which it
+    must be anyway, and each rank should compute on its own device (``torch.cuda.set_device``).
 
     Returns:
         The :class:`PurifiedModel`.
@@ -293,10 +345,28 @@ def purify_model(
     plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
     if data is None:
         raise DataError("purify_model needs data to find each neuron's reference samples.")
+    if is_distributed() and isinstance(getattr(data, "dataset", data), IterableDataset):
+        raise DataError(
+            "under torch.distributed purenn gives each rank a disjoint shard of the data by sample index, so it "
+            "needs a map-style dataset (with __len__ and __getitem__), not an IterableDataset."
+        )
     source = DataSource.from_data(data, batch_size)
+    if workers is not None:
+        source.num_workers = _check_int("workers", workers, 0)
     if len(source) < n_refs:
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
     device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
+    precision = check_precision(precision, device)
+    source.pin_memory = device.type == "cuda"  # page-locked batches: host-to-device copies overlap compute
+    rank, world = world_info()
+    args_text = _run_fingerprint(
+        layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, top=top, upstream=upstream,
+        skip_aware=skip_aware, max_clusters=max_clusters, gate=gate, gate_weight=gate_weight, score=score,
+        batch_size=batch_size, seed=seed, precision=precision, max_memory=max_memory, device=device.type,
+        dtype=str(next(model.parameters()).dtype),
+    )
+    if world > 1:
+        _check_same_run(model, len(source), args_text)
     dtype = compute_dtype(model)
     owned = not there or dtype != next(model.parameters()).dtype
     if owned:  # work on a copy there (in float32 for a half-precision model); the caller's model stays as it is
@@ -310,15 +380,20 @@ def purify_model(
     check_input(probe, "the data", channels=model.conv1.in_channels)
     _check_forward(spec, model, probe)
 
+    checkpoint = None
+    if checkpoint_dir is not None:  # no activation cache: a resumed run computes what an uninterrupted one does
+        checkpoint = Checkpoint(checkpoint_dir, run_fingerprint(args_text, model, source, world), rank=rank)
+        cache_memory = 0
     cache = ActivationCache({p.up_position for p in plans}, cache_memory)
     refs = collect_references(
         spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
-        cache=cache, channels={p.layer: list(p.neurons) for p in plans},
+        cache=cache, channels={p.layer: list(p.neurons) for p in plans}, checkpoint=checkpoint,
     )
+    progress = progress and rank == 0
     if gate in CIRCUIT_GATES:
         features = fit_circuits(
             spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
-            progress=progress, cache=cache,
+            progress=progress, cache=cache, precision=precision, checkpoint=checkpoint,
         )
         if gate == "circuit+map":
             for p in plans:
@@ -338,7 +413,7 @@ def purify_model(
     pure_layers = []
     for p in plans:
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
-        km.fit(features[p.layer].numpy())
+        km = fit_by_neuron(km, features[p.layer].numpy())
         keep = np.arange(len(p.neurons))
         if p.layer in top:  # the N highest scores, ties to the lower channel, in channel order
             keep = np.sort(np.argsort(-km.scores_, kind="stable")[: top[p.layer]])
