@@ -65,6 +65,7 @@ class SegmentMasks:
     out: Tensor
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
+    attn: tuple[Tensor, ...] = ()  # the block attention's recorded state (purenn.arch.attention)
 
 
 def _hw(t: Tensor) -> tuple[int, int]:
@@ -164,17 +165,25 @@ def segment_backward(
         blk, m = blocks[bi], masks[bi]
         n_main = len(blk.main)
         top_in_hw = m.act_hw[-1]
+        # a downsample behind a pooling (timm's avg_down) convolves at the output resolution
+        ds_hw = m.in_hw if blk.down_pool is None else _hw(m.out)
         if bi == last:
             # gradient at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
-            gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+            if blk.attn is None:
+                gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+            else:  # attention: dense from the start (its pooled path reaches every channel)
+                gs = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+                gm = _conv_back(blk.main[-1], blk.attn.backward(gs, m.attn), top_in_hw)
             if blk.downsample is None:
                 skip = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
             else:
-                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, m.in_hw)
+                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, ds_hw)
         else:
             gs = g * m.out
-            gm = _conv_back(blk.main[-1], gs, top_in_hw)
-            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, m.in_hw)
+            gm = _conv_back(blk.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn), top_in_hw)
+            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, ds_hw)
+        if blk.down_pool is not None:
+            skip = blk.down_pool.backward(skip, m.in_hw)
         for i in range(n_main - 2, -1, -1):
             gm = gm * m.acts[i]
             gm = _conv_back(blk.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
@@ -208,6 +217,7 @@ def _grid_masks(recs: Sequence[BlockRecord], dtype: torch.dtype) -> list[Segment
             out=(r.out > 0).to(dtype)[:, None],
             in_hw=_hw(r.inp),
             act_hw=[_hw(a) for a in r.acts],
+            attn=tuple(t[:, None] for t in r.attn),
         )
         for r in recs
     ]
@@ -217,7 +227,7 @@ def _pair_bytes(recs: Sequence[BlockRecord], a_up: Tensor) -> int:
     """Bytes per (sample, neuron) pair: gathered masks plus a few gradient buffers."""
     elems = [a_up[0].numel()]
     for r in recs:
-        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in r.acts)]
+        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in (*r.acts, *r.attn))]
     return a_up.element_size() * (sum(elems) + 4 * max(elems))
 
 
@@ -292,6 +302,7 @@ def pair_relevance(
                 out=outs[j][si][None],
                 in_hw=_hw(r.inp),
                 act_hw=[_hw(a) for a in r.acts],
+                attn=tuple(t[si][None] for t in r.attn),
             )
             for j, r in enumerate(recs)
         ]
