@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from ._version import __version__
-from .arch import ResNetSpec
+from .arch import ResNetSpec, input_conv
 from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
 from .surgery import POOLS, PurifiedModel
@@ -303,7 +303,7 @@ def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any)
         raise ConfigError(
             f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}."
         )
-    in_ch = pm.base_model.conv1.in_channels
+    in_ch = input_conv(pm.base_model).in_channels
     if shape[0] != in_ch:
         raise ConfigError(f"input_shape has {shape[0]} channels but the model's conv1 takes {in_ch}.")
     if pool not in POOLS:

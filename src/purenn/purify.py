@@ -182,7 +182,7 @@ def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
             ref, ours = model(x), spec.forward(x)
     if ref.shape != ours.shape or not torch.allclose(ref, ours, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError(
-            f"{type(model).__name__}.forward does not compute what a torchvision ResNet computes from its "
+            f"{type(model).__name__}.forward does not compute what a {spec.family.name} ResNet computes from its "
             "modules (a customised forward?); purenn can only rewrite the standard forward pass."
         )
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .arch import Block, BlockRecord, ResNetSpec
+from .arch import Block, BlockRecord, ResNetSpec, input_conv
 from .errors import ConfigError, LayerError
 from .gating import (
     ACTIVATION_GATES,
@@ -466,7 +466,7 @@ class PurifiedModel(nn.Module):
             return
         ref = next(iter(self._plan.values()))[0].centroids
         m = self.base_model
-        for name, t in (("conv1.weight", m.conv1.weight), ("fc.weight", getattr(m.fc, "weight", None))):
+        for name, t in (("conv1.weight", input_conv(m).weight), ("fc.weight", getattr(m.fc, "weight", None))):
             if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
                 raise ConfigError(
                     f"the base model's {name} is {t.dtype} on {t.device} but the purified layers are {ref.dtype} "
