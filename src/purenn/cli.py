@@ -123,7 +123,9 @@ def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _timm_base_model(args: argparse.Namespace) -> tuple[Any, str]:
-    name = args.model[len(TIMM_PREFIX):]
+    from .loaders import check_timm_name
+
+    name = check_timm_name(args.model)
     if getattr(args, "blocks", None) is not None:
         raise InputError("--blocks goes with a torchvision architecture; a timm model name fixes its depth.")
     if args.weights and args.checkpoint:

@@ -29,7 +29,7 @@ import numpy as np
 from .errors import DataError, PurennError, UnsupportedModelError
 
 __all__ = ["InputError", "ARCHITECTURES", "TIMM_PREFIX", "load_checkpoint_model", "torchvision_model", "timm_model",
-           "LoadedData", "load_data"]
+           "check_timm_name", "LoadedData", "load_data"]
 
 #: torchvision builder -> (block, blocks per stage, groups, width per group)
 ARCHITECTURES = {
@@ -211,6 +211,30 @@ def torchvision_model(arch: str, weights: str) -> Any:
         ) from None
 
 
+def check_timm_name(name: str) -> str:
+    """``name`` without a ``timm:`` prefix, if it names a model of timm's ResNet family (an optional
+    pretrained tag after a dot), else an :class:`InputError`.
+
+    Example:
+        >>> check_timm_name("timm:resnet50.a1_in1k")                         # doctest: +SKIP
+        'resnet50.a1_in1k'
+    """
+    import timm
+
+    if name.startswith(TIMM_PREFIX):
+        name = name[len(TIMM_PREFIX):]
+    arch = name.partition(".")[0]
+    resnets = timm.list_models(module="resnet")
+    if not name or arch not in resnets:
+        close = [n for n in resnets if arch and arch[:5] in n][:6]
+        similar = f" (similar: {', '.join(close)})" if close else ""
+        raise InputError(
+            f"{name!r} is not a ResNet of timm {timm.__version__}{similar}; purenn supports timm's ResNet family, "
+            "see timm.list_models(module='resnet')."
+        )
+    return name
+
+
 def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = False) -> Any:
     """A timm ResNet ``name`` (``"resnet50"``, ``"seresnet50.a1_in1k"``; a ``timm:`` prefix is
     dropped) in eval mode, with the weights of ``checkpoint`` (classes and input channels read
@@ -228,18 +252,9 @@ def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
     import timm
     import torch
 
-    if name.startswith(TIMM_PREFIX):
-        name = name[len(TIMM_PREFIX):]
+    name = check_timm_name(name)
     if (checkpoint is None) == (not pretrained):
         raise InputError(f"timm:{name} needs exactly one source of weights: a checkpoint or pretrained=True.")
-    arch = name.partition(".")[0]
-    if not name or arch not in timm.list_models(module="resnet"):
-        close = [n for n in timm.list_models(module="resnet") if arch and arch[:5] in n][:6]
-        similar = f" (similar: {', '.join(close)})" if close else ""
-        raise InputError(
-            f"{name!r} is not a ResNet of timm {timm.__version__}{similar}; purenn supports timm's ResNet family, "
-            "see timm.list_models(module='resnet')."
-        )
     if pretrained:
         try:
             return timm.create_model(name, pretrained=True).eval()

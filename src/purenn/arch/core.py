@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -233,7 +234,9 @@ class Family(Protocol):
 def family_of(model: nn.Module) -> Family:
     """The recogniser for a model's family: timm when its class comes from timm, else torchvision
     (timm is never imported unless the model's class comes from it)."""
-    if type(model).__module__.split(".")[0] == "timm":
+    timm_resnet = sys.modules.get("timm.models.resnet")  # loaded whenever a timm model exists
+    if type(model).__module__.split(".")[0] == "timm" or (
+            timm_resnet is not None and isinstance(model, timm_resnet.ResNet)):
         from .timm import TIMM
 
         return TIMM

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import Tensor, nn
@@ -41,9 +42,8 @@ def _resnet_module() -> Any:
 
 def is_timm_resnet(model: Any) -> bool:
     """True when ``model`` is a :class:`timm.models.resnet.ResNet` (never imports timm itself)."""
-    if not type(model).__module__.startswith("timm."):
-        return False
-    return isinstance(model, _resnet_module().ResNet)
+    module = sys.modules.get("timm.models.resnet")
+    return module is not None and isinstance(model, module.ResNet)
 
 
 def _is(obj: Any, module: str, name: str) -> bool:
