@@ -22,6 +22,13 @@ from purenn.io import describe_architecture, read_config  # noqa: E402
 
 from conftest import autograd_relevance, calibrate_bn  # noqa: E402
 
+#: small timm ResNets built directly: SENet-154's layout (halved first convolution, 3x3 strided
+#: downsample convolutions, deep stem, grouped SE blocks) at one block per stage
+CUSTOM = {
+    "senet-like": dict(block=timm.models.resnet.Bottleneck, layers=[1, 1, 2, 1], cardinality=8, base_width=8,
+                       stem_type="deep", down_kernel_size=3, block_reduce_first=2, block_args={"attn_layer": "se"},
+                       channels=(16, 32, 64, 128)),
+}
 SIZE = (37, 45)  # odd sizes: ceil-mode average pooling and output padding of the stride-2 convolutions
 
 
@@ -30,7 +37,10 @@ def timm_model(name: str, seed: int = 0, dtype=torch.float32, size=SIZE, **kwarg
     last BatchNorm of every block, which would switch the main paths and their attention off) and
     statistics calibrated on random and all-zero images."""
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=kwargs.pop("num_classes", 5), **kwargs)
+    if name in CUSTOM:
+        model = timm.models.resnet.ResNet(**CUSTOM[name], num_classes=kwargs.pop("num_classes", 5), **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=kwargs.pop("num_classes", 5), **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
@@ -95,6 +105,7 @@ FAMILIES = [
     ("seresnet50", "SE in Bottlenecks"),
     ("ecaresnet26t", "ECA, tiered stem, average-pool downsample"),
     ("seresnext26d_32x4d", "grouped convolutions, SE, average-pool downsample"),
+    ("senet-like", "3x3 strided downsample convolutions, halved first convolution, grouped SE"),
 ]
 #: (target, upstream): stage with a downsample, block with an identity skip, block with a downsample
 TARGETS = [("layer2", "layer1"), ("layer3.1", "layer3.0"), ("layer4.0", "layer3")]
