@@ -53,7 +53,8 @@ def timm_model(name: str, size: tuple[int, int], seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def autograd_relevance(model: nn.Module, x: torch.Tensor, layer: str, upstream: str, neurons: list[int]) -> torch.Tensor:
+def autograd_relevance(model: nn.Module, x: torch.Tensor, layer: str, upstream: str,
+                       neurons: list[int]) -> torch.Tensor:
     """PURE's relevance with autograd through the model's own blocks (``(B, K, C_U)``)."""
     spec = purenn.ResNetSpec(model)
     up, pos = spec.position(upstream), spec.position(layer)
