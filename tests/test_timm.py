@@ -88,7 +88,8 @@ def test_timm_is_not_imported_for_a_torchvision_model():
     import subprocess
 
     code = ("import torch, torchvision, sys; from purenn import ResNetSpec, circuit_relevance; "
-            "m = torchvision.models.resnet18().eval(); ResNetSpec(m); "
+            "from purenn.io import describe_architecture; import purenn.cli, purenn.loaders; "
+            "m = torchvision.models.resnet18().eval(); ResNetSpec(m); describe_architecture(m); "
             "circuit_relevance(m, torch.rand(1, 3, 32, 32), 'layer4', [0]); print('timm' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -136,6 +137,9 @@ def test_attention_gradient_needs_the_pooled_path(models64, monkeypatch, name, c
     x = images(2, 5, dtype=torch.float64)
     ref = autograd_relevance(model, x, "layer2", "layer1", [0, 3])
     monkeypatch.setattr(cls, "backward", lambda self, g, state: g * state[1][..., None, None])
+    original = cls.backward_onehot
+    monkeypatch.setattr(cls, "backward_onehot", lambda self, a, k, state: (original(self, a, k, state)[0],
+                                                                            torch.zeros_like(state[1][:, :1])))
     direct_only = circuit_relevance(model, x, "layer2", [0, 3], upstream="layer1")
     assert (direct_only - ref).abs().max() > 1e-3 * ref.abs().max()
 
@@ -153,6 +157,21 @@ def test_attention_and_pool_steps_equal_autograd():
         for j in range(2):
             (ref,) = torch.autograd.grad(y, z, gy[:, j], retain_graph=True)
             torch.testing.assert_close(ours[:, j], ref, rtol=1e-12, atol=1e-14)
+        # from a one-hot gradient e_k * a (k = neurons[j]): direct and pooled pieces, for masks shared
+        # by the neurons (gating) and gathered per pair (fitting)
+        neurons = torch.tensor([4, 0, 9])
+        a = torch.rand(3, 3, 5, 7, generator=g, dtype=torch.float64)
+        for layout in ("grid", "pair"):
+            st = tuple(t.detach()[:, None] for t in state)
+            if layout == "pair":  # pair j is sample j
+                st, a_in = tuple(t.detach()[None] for t in state), a.diagonal().permute(2, 0, 1)[None]
+            else:
+                a_in = a
+            direct, pooled = attn.backward_onehot(a_in, neurons, st)
+            onehot = torch.nn.functional.one_hot(neurons, c).double()[None, :, :, None, None]
+            dense = attn.backward(a_in[:, :, None] * onehot, st)
+            torch.testing.assert_close(direct[:, :, None] * onehot + pooled[..., None, None], dense,
+                                       rtol=1e-12, atol=1e-14)
     for ceil in (True, False):
         pool = AvgPoolDown(nn.AvgPool2d(2, 2, ceil_mode=ceil, count_include_pad=False))
         for hw in ((7, 9), (8, 6)):

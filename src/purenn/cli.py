@@ -110,7 +110,7 @@ def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
         return pm.base_model, f"base model of {source}"
     if source not in ARCHITECTURES:
         raise InputError(f"unknown architecture or missing file {source!r}: give a torchvision ResNet name "
-                       f"({', '.join(ARCHITECTURES)}) or a purified .safetensors file.")
+                       f"({', '.join(ARCHITECTURES)}), timm:NAME for a timm ResNet, or a purified .safetensors file.")
     if args.weights:
         if args.checkpoint:
             raise InputError("use either --checkpoint or --weights, not both.")

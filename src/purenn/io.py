@@ -142,9 +142,14 @@ def _fingerprint(model: nn.Module) -> str:
 
 
 def describe_architecture(model: nn.Module) -> dict[str, Any]:
-    """A JSON-serialisable description of a torchvision ResNet's architecture.
+    """A JSON-serialisable description of a ResNet's architecture (torchvision or timm).
 
-    Fields: ``builder`` (the torchvision builder it matches, e.g. ``"resnet50"``, else ``None``),
+    For a timm ResNet the fields are ``family``, ``timm_model`` and ``timm_tag`` (from its
+    ``pretrained_cfg``; ``None`` when it was not built by ``timm.create_model``), ``timm_kwargs``
+    (the ``create_model`` arguments that rebuild its structure), ``block``, ``layers``,
+    ``attention``, ``num_classes``, ``in_channels``, ``norm``, ``dtype``, ``fingerprint`` and
+    ``rebuildable``. For a torchvision ResNet: ``builder`` (the torchvision builder it matches,
+    e.g. ``"resnet50"``, else ``None``),
     ``block``, ``layers`` (blocks per stage), ``groups``, ``width_per_group``, ``num_classes``,
     ``in_channels``, ``stem`` (conv1 kernel/stride/padding/bias and the max-pool, ``None`` when
     it is an ``nn.Identity``), ``dilation`` (torchvision's ``replace_stride_with_dilation``),

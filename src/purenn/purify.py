@@ -216,9 +216,10 @@ def purify_model(
     virtual neuron of the nearest centroid.
 
     Args:
-        model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
-            inference form (BatchNorm with its running statistics) whatever its mode, leaves its
-            mode, weights and device as they are, and the purified model shares its modules.
+        model: a trained torchvision or timm ResNet (any supported variant, see :mod:`purenn.arch`).
+            It is never modified: purenn computes in inference form (BatchNorm with its running
+            statistics) whatever its mode, leaves its mode, weights and device as they are, and the
+            purified model shares its modules.
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.

@@ -147,6 +147,20 @@ def _conv_back_onehot(cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[i
     return out.reshape(-1, n_groups, w.shape[1], out.shape[2], out.shape[3])
 
 
+def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tensor,
+                      in_hw: tuple[int, int]) -> Tensor:
+    """Backward of a block's channel attention and its last conv+BN for the one-hot gradient
+    ``e_k * a_sel``: the direct term stays one-hot; the pooled path adds a spatially constant
+    gradient on every channel, which a 1x1 convolution maps to a constant (a matrix product)."""
+    direct, pooled = blk.attn.backward_onehot(a_sel, neurons, m.attn)
+    cb = blk.main[-1]
+    if cb.is_pointwise and cb.conv.groups == 1:
+        const = torch.matmul(pooled, cb.folded_weight()[:, :, 0, 0])
+        return _conv_back_onehot(cb, direct, neurons, in_hw) + const[..., None, None]
+    dense = direct[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+    return _conv_back(cb, dense + pooled[..., None, None], in_hw)
+
+
 def segment_backward(
     blocks: Sequence[Block], masks: Sequence[SegmentMasks], a_sel: Tensor, neurons: Tensor, a_up: Tensor
 ) -> Tensor:
@@ -171,9 +185,8 @@ def segment_backward(
             # gradient at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
             if blk.attn is None:
                 gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
-            else:  # attention: dense from the start (its pooled path reaches every channel)
-                gs = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
-                gm = _conv_back(blk.main[-1], blk.attn.backward(gs, m.attn), top_in_hw)
+            else:  # channel attention (purenn.arch.attention): its pooled path reaches every channel
+                gm = _attn_back_onehot(blk, m, a_sel, neurons, top_in_hw)
             if blk.downsample is None:
                 skip = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
             else:
@@ -360,7 +373,7 @@ def circuit_relevance(
     """Normalised circuit relevance ``(B, K, C_U)`` of neurons of ``layer`` on upstream channels.
 
     Args:
-        model: a torchvision ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
+        model: a torchvision or timm ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
             for a purified layer its upstream and ``skip_aware`` setting are the defaults).
         x: input batch ``(B, C, H, W)``.
         layer: target layer, e.g. ``"layer4"`` or ``"layer3.1"``.

@@ -50,6 +50,21 @@ def gate_backward(g: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     return direct, du
 
 
+def _select(t: Tensor, neurons: Tensor) -> Tensor:
+    """``t[n, g, neurons[g]]`` of ``t`` shaped ``(N, G or 1, C, ...)``: ``(N, G, ...)``."""
+    n, g = t.shape[0], neurons.shape[0]
+    idx = neurons.reshape(1, g, 1, *([1] * (t.ndim - 3))).expand(n, g, 1, *t.shape[3:])
+    return t.expand(n, g, *t.shape[2:]).gather(2, idx)[:, :, 0]
+
+
+def _onehot_pieces(a_sel: Tensor, neurons: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``g = e_k * a_sel`` (one channel per neuron): the direct term's map ``a_sel * s_k``
+    ``(N, G, H, W)`` and ``dL/du_k`` ``(N, G)``."""
+    s_k = _select(s, neurons)
+    du_k = (a_sel * _select(z, neurons)).sum(dim=(-2, -1)) * (s_k * (1 - s_k))
+    return a_sel * s_k[..., None, None], du_k
+
+
 def _spread(direct: Tensor, dm: Tensor) -> Tensor:
     """``direct + dm / HW`` broadcast over space: the gradient through the spatial mean."""
     hw = direct.shape[-2] * direct.shape[-1]
@@ -82,6 +97,16 @@ class SqueezeExcite:
         dh = torch.matmul(du, w2) * (hidden > 0).to(du.dtype)
         return _spread(direct, torch.matmul(dh, w1))
 
+    def backward_onehot(self, a_sel: Tensor, neurons: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """The backward step from ``g = e_k * a_sel`` (``(N, G, H, W)``, neuron ``k = neurons[g]``):
+        ``dL/dz = e_k * direct + pooled`` with ``direct`` ``(N, G, H, W)`` and the spatially
+        constant ``pooled`` ``(N, G, C)``, returned as ``(direct, pooled)``."""
+        z, s, hidden = state
+        direct, du_k = _onehot_pieces(a_sel, neurons, z, s)
+        w2 = self.fc2.weight[:, :, 0, 0][neurons]  # (G, R): row k of fc2
+        dh = du_k[..., None] * w2 * (hidden > 0).to(du_k.dtype)
+        return direct, torch.matmul(dh, self.fc1.weight[:, :, 0, 0]) / (a_sel.shape[-2] * a_sel.shape[-1])
+
 
 @dataclass(frozen=True, eq=False)
 class EfficientChannelAttention:
@@ -107,6 +132,16 @@ class EfficientChannelAttention:
         # the transposed 1-D convolution, as a convolution with the flipped filter
         dm = F.conv1d(du.reshape(-1, 1, c), self.conv.weight.flip(-1), None, 1, k - 1 - p)
         return _spread(direct, dm.reshape(du.shape))
+
+    def backward_onehot(self, a_sel: Tensor, neurons: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """As :meth:`SqueezeExcite.backward_onehot`: ``(direct, pooled)``."""
+        z, s = state
+        direct, du_k = _onehot_pieces(a_sel, neurons, z, s)
+        c = z.shape[2]
+        du = du_k[..., None] * F.one_hot(neurons, c).to(du_k.dtype)
+        k, p = self.conv.kernel_size[0], self.conv.padding[0]
+        dm = F.conv1d(du.reshape(-1, 1, c), self.conv.weight.flip(-1), None, 1, k - 1 - p).reshape(du.shape)
+        return direct, dm / (a_sel.shape[-2] * a_sel.shape[-1])
 
 
 @dataclass(frozen=True, eq=False)

@@ -96,6 +96,8 @@ class Attention(Protocol):
 
     def backward(self, g: Tensor, state: tuple[Tensor, ...]) -> Tensor: ...
 
+    def backward_onehot(self, a_sel: Tensor, neurons: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]: ...
+
 
 class DownsamplePool(Protocol):
     """A pooling in front of the downsample convolution (see :mod:`purenn.arch.attention`)."""
