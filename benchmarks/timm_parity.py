@@ -7,11 +7,12 @@ on random images) it
 - purifies ``layer4`` (4 neurons, 8 reference images) in float32 and reports the largest
   ``|pm(x) - model(x)|`` over a batch (0 means bit-identical);
 - computes the circuit relevance of 8 neurons in float64 for a stage target with a downsample
-  (``layer2`` from ``layer1``), a block with an identity skip (``layer3.1`` from ``layer3.0``) and a
-  block with a downsample (``layer4.0`` from ``layer3``), each against autograd through timm's own
-  block modules (SE and ECA attention included), and reports the largest ``|Δ| / max |r|``.
+  (``layer2`` from ``layer1``), a block with an identity skip (``layer3.1`` from ``layer3.0``, or
+  the deepest stage with two blocks) and a block with a downsample (``layer4.0`` from ``layer3``),
+  each against autograd through timm's own block modules (SE and ECA attention included), and
+  reports the largest ``|Δ| / max |r|``.
 
-    python benchmarks/timm_parity.py                     # every architecture below, 64x64, ~2 min
+    python benchmarks/timm_parity.py                     # every architecture below, 64x65, ~5 min
     python benchmarks/timm_parity.py --smoke             # three small ones, seconds
 """
 
@@ -32,7 +33,14 @@ ARCHS = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152
          "resnet10t", "resnet50s", "resnext50_32x4d", "wide_resnet50_2", "seresnet18", "seresnet50",
          "seresnext26d_32x4d", "ecaresnet26t", "ecaresnet50d", "ecaresnetlight", "resnetrs50"]
 SMOKE = ["resnet18", "seresnet18", "ecaresnet26t"]
-TARGETS = [("layer2", "layer1"), ("layer3.1", "layer3.0"), ("layer4.0", "layer3")]
+
+
+
+def targets(model: nn.Module) -> list[tuple[str, str]]:
+    """A stage with a downsample, a block with an identity skip (in the deepest stage that has two
+    blocks), a block with a downsample."""
+    deep = [s for s in ("layer3", "layer2", "layer1") if len(getattr(model, s)) >= 2][:1]
+    return [("layer2", "layer1"), *((f"{s}.1", f"{s}.0") for s in deep), ("layer4.0", "layer3")]
 
 
 def timm_model(name: str, size: tuple[int, int], seed: int = 0) -> nn.Module:
@@ -95,7 +103,7 @@ def main() -> None:
             d_logits = float((pm(x) - model(x)).abs().max())
         m64, x64 = model.double(), x.double()
         worst = 0.0
-        for layer, up in TARGETS:
+        for layer, up in targets(model):
             neurons = list(range(0, 8 * 5, 5))
             ours = purenn.circuit_relevance(m64, x64, layer, neurons, upstream=up)
             ref = autograd_relevance(m64, x64, layer, up, neurons)
