@@ -221,7 +221,7 @@ def _timm_kwargs(model: nn.Module) -> dict[str, Any]:
     info = getattr(model, "feature_info", None)
     stride = info[-1].get("reduction") if isinstance(info, list) and info and isinstance(info[-1], dict) else None
     kwargs: dict[str, Any] = {
-        "num_classes": int(getattr(model, "num_classes", 0)),
+        "num_classes": int(model.fc.out_features) if isinstance(model.fc, nn.Linear) else 0,
         "in_chans": int(input_conv(model).in_channels),
         "global_pool": str(getattr(model.global_pool, "pool_type", "avg")),
         "drop_rate": float(getattr(model, "drop_rate", 0.0) or 0.0),
