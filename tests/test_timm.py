@@ -419,3 +419,23 @@ def test_cli_timm_missing(capsys, timm_files, monkeypatch):
     got = cli.main(["purify", "timm:resnet18", "-c", str(root / "r18.pth"), "--data", str(root / "images"), "-o",
                     str(root / "x.safetensors"), "-q"])
     assert got == 4 and 'purenn[timm]' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["seresnet18", "ecaresnet26t"])
+def test_fitting_pairs_equal_the_gate_grid(models64, name):
+    """Fitting gathers masks and attention state per (sample, neuron) pair; gating shares them across
+    neurons: both give the same relevance."""
+    from purenn.relevance import grid_relevance, pair_relevance
+
+    model = models64[name]
+    spec = ResNetSpec(model)
+    x = images(3, 6, dtype=torch.float64)
+    up, pos = spec.position("layer2"), spec.position("layer3")
+    with torch.no_grad():
+        acts, recs = spec.run_until(x, {up, pos}, set(range(up + 1, pos + 1)))
+    seg, blocks = [recs[j] for j in range(up + 1, pos + 1)], spec.segment(up, pos)
+    neurons = torch.tensor([1, 6, 11])
+    grid = grid_relevance(blocks, seg, acts[up], acts[pos], neurons)
+    samples, chosen = torch.tensor([2, 0, 1, 2]), torch.tensor([11, 6, 1, 1])
+    pairs = pair_relevance(blocks, seg, acts[up], acts[pos], samples, chosen, max_memory=1)
+    torch.testing.assert_close(pairs, grid[samples, torch.tensor([2, 1, 0, 0])], rtol=1e-12, atol=1e-12)
