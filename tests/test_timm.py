@@ -58,9 +58,11 @@ def images(n: int, seed: int, dtype=torch.float32, size=SIZE, channels: int = 3)
 
 
 # ------------------------------------------------------------------ replay
-REPLAY = ["resnet18", "resnet26", "resnet34", "resnet50", "resnet101", "resnet152", "resnet18d", "resnet50d",
-          "resnet10t", "resnet50s", "seresnet50", "ecaresnet50d", "ecaresnet26t", "resnext50_32x4d",
-          "seresnext26d_32x4d", "wide_resnet50_2", "resnetrs50", "ecaresnetlight"]
+_BIG = pytest.mark.slow  # over a second each to build
+REPLAY = ["resnet18", "resnet26", "resnet34", "resnet50", pytest.param("resnet101", marks=_BIG),
+          pytest.param("resnet152", marks=_BIG), "resnet18d", "resnet50d", "resnet10t", "resnet50s", "seresnet50",
+          "ecaresnet50d", "ecaresnet26t", "resnext50_32x4d", "seresnext26d_32x4d",
+          pytest.param("wide_resnet50_2", marks=_BIG), "resnetrs50", "ecaresnetlight"]
 
 
 @pytest.mark.parametrize("name", REPLAY)
