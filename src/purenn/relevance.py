@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import as_int, check_memory
-from .arch import Block, BlockRecord, ConvBN, ResNetSpec
+from .arch import Block, BlockRecord, ConvBN, ResNetSpec, input_conv
 from .errors import ConfigError, DataError, LayerError
 
 __all__ = [
@@ -66,6 +66,7 @@ class SegmentMasks:
     out: Tensor
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
+    attn: tuple[Tensor, ...] = ()  # the block attention's recorded state (purenn.arch.attention)
 
 
 def _hw(t: Tensor) -> tuple[int, int]:
@@ -147,6 +148,20 @@ def _conv_back_onehot(cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[i
     return out.reshape(-1, n_groups, w.shape[1], out.shape[2], out.shape[3])
 
 
+def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tensor,
+                      in_hw: tuple[int, int]) -> Tensor:
+    """Backward of a block's channel attention and its last conv+BN for the one-hot gradient
+    ``e_k * a_sel``: the direct term stays one-hot; the pooled path adds a spatially constant
+    gradient on every channel, which a 1x1 convolution maps to a constant (a matrix product)."""
+    direct, pooled = blk.attn.backward_onehot(a_sel, neurons, m.attn)
+    cb = blk.main[-1]
+    if cb.is_pointwise and cb.conv.groups == 1:
+        const = torch.matmul(pooled, cb.folded_weight()[:, :, 0, 0])
+        return _conv_back_onehot(cb, direct, neurons, in_hw) + const[..., None, None]
+    dense = direct[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+    return _conv_back(cb, dense + pooled[..., None, None], in_hw)
+
+
 def segment_backward(
     blocks: Sequence[Block], masks: Sequence[SegmentMasks], a_sel: Tensor, neurons: Tensor, a_up: Tensor
 ) -> Tensor:
@@ -165,17 +180,24 @@ def segment_backward(
         blk, m = blocks[bi], masks[bi]
         n_main = len(blk.main)
         top_in_hw = m.act_hw[-1]
+        # a downsample behind a pooling (timm's avg_down) convolves at the output resolution
+        ds_hw = m.in_hw if blk.down_pool is None else _hw(m.out)
         if bi == last:
             # gradient at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
-            gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+            if blk.attn is None:
+                gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+            else:  # channel attention (purenn.arch.attention): its pooled path reaches every channel
+                gm = _attn_back_onehot(blk, m, a_sel, neurons, top_in_hw)
             if blk.downsample is None:
                 skip = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
             else:
-                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, m.in_hw)
+                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, ds_hw)
         else:
             gs = g * m.out
-            gm = _conv_back(blk.main[-1], gs, top_in_hw)
-            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, m.in_hw)
+            gm = _conv_back(blk.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn), top_in_hw)
+            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, ds_hw)
+        if blk.down_pool is not None:
+            skip = blk.down_pool.backward(skip, m.in_hw)
         for i in range(n_main - 2, -1, -1):
             gm = gm * m.acts[i]
             gm = _conv_back(blk.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
@@ -209,6 +231,7 @@ def _grid_masks(recs: Sequence[BlockRecord], dtype: torch.dtype) -> list[Segment
             out=(r.out > 0).to(dtype)[:, None],
             in_hw=_hw(r.inp),
             act_hw=[_hw(a) for a in r.acts],
+            attn=tuple(t[:, None] for t in r.attn),
         )
         for r in recs
     ]
@@ -218,7 +241,7 @@ def _pair_bytes(recs: Sequence[BlockRecord], a_up: Tensor) -> int:
     """Bytes per (sample, neuron) pair: gathered masks plus a few gradient buffers."""
     elems = [a_up[0].numel()]
     for r in recs:
-        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in r.acts)]
+        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in (*r.acts, *r.attn))]
     return a_up.element_size() * (sum(elems) + 4 * max(elems))
 
 
@@ -293,6 +316,7 @@ def pair_relevance(
                 out=outs[j][si][None],
                 in_hw=_hw(r.inp),
                 act_hw=[_hw(a) for a in r.acts],
+                attn=tuple(t[si][None] for t in r.attn),
             )
             for j, r in enumerate(recs)
         ]
@@ -384,7 +408,7 @@ def circuit_relevance(
     """Normalised circuit relevance ``(B, K, C_U)`` of neurons of ``layer`` on upstream channels.
 
     Args:
-        model: a torchvision ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
+        model: a torchvision or timm ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
             for a purified layer its upstream and ``skip_aware`` setting are the defaults). A
             float16 or bfloat16 model is computed in float32 on a private copy (the result is float32).
         x: input batch ``(B, C, H, W)``, floating point (converted to the model's dtype); an empty
@@ -418,7 +442,7 @@ def circuit_relevance(
         model = _copy_module(model, lambda t: t.float() if t.is_floating_point() else t)
         spec = ResNetSpec(model)
         weight = next(model.parameters())
-    x = check_input(x, like=weight, channels=model.conv1.in_channels)
+    x = check_input(x, like=weight, channels=input_conv(model).in_channels)
     pos_l = spec.position(layer)
     up_name = upstream if upstream is not None else spec.default_upstream(layer)
     pos_u = spec.position(up_name)
