@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .data import DataSource
 from .errors import ConfigError, DataError, PurennError
+from .refdata import check_references
 from .relevance import circuit_relevance
 
 __all__ = ["MissingExtraError", "EMBEDDINGS", "neuron_figure", "neuron_circuits", "embed_2d", "save_neuron_figure"]
@@ -92,6 +93,7 @@ def neuron_circuits(pm: Any, layer: str, channel: int, data: Any, *, batch_size:
     if idx.numel() == 0:
         raise DataError(f"the model holds no reference samples for {layer!r}; purify it again to draw figures.")
     clusters = pl.ref_clusters[k].cpu()
+    check_references(pm, data, batch_size=batch_size)
     source = DataSource.from_data(data, batch_size)
     if int(idx.max()) >= len(source):
         raise DataError(
