@@ -309,9 +309,51 @@ def test_unexpected_and_interrupted(capsys, purified, monkeypatch, exc, code):
 
 # ------------------------------------------------------------------------------------------ no silent mismatches
 @pytest.fixture(scope="module")
-def trained(files) -> dict[str, Path]:
-    """The adapted-stem model trained on the Fashion-MNIST-format files, saved with its architecture
-    (save_checkpoint, .safetensors) and as a plain state_dict (.pt)."""
+def recorded(files) -> Path:
+    """The adapted-stem (stride 2) model of ``files["small"]`` saved with its architecture (save_checkpoint)."""
+    from purenn.loaders import load_checkpoint_model, save_checkpoint
+
+    model = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
+    return save_checkpoint(model, files["root"] / "recorded.safetensors")
+
+
+def test_checkpoint_records_its_architecture_and_purify_rebuilds_it(capsys, files, recorded, tmp_path):
+    out = tmp_path / "p.safetensors"
+    code, _, err = run(capsys, "purify", "resnet18", "-c", recorded, "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3,5", "--n-refs", "6", "-o", out, "-q")
+    assert code == 0, err
+    import purenn
+    from purenn.loaders import load_checkpoint_model, save_checkpoint
+
+    original = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
+    base = purenn.load_purified(out).base_model
+    assert base.conv1.stride == (2, 2) and isinstance(base.maxpool, torch.nn.Identity)
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(base(x), original(x))
+    # a .pt written by save_checkpoint records it too
+    pt = save_checkpoint(original, tmp_path / "m.pt")
+    assert load_checkpoint_model("resnet18", pt, blocks=[1, 1, 1, 1]).conv1.stride == (2, 2)
+
+
+def test_an_ambiguous_stem_is_refused(capsys, files, recorded):
+    code, _, err = run(capsys, "purify", "resnet18", "-c", files["small"], "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-q")
+    assert code == 3 and "--stem-stride 1 or --stem-stride 2" in err and "3x3 stem" in err
+    code, _, err = run(capsys, "purify", "resnet18", "-c", recorded, "--blocks", "1,1,1,1", "--stem-stride", "1",
+                       "--fashion-mnist", files["fmnist"], "-q")
+    assert code == 3 and "records a stem stride of 2" in err
+
+
+def test_a_model_at_chance_level_is_warned_about(capsys, files, tmp_path):
+    # an untrained model: at chance, a warning (even with -q)
+    code, _, err = run(capsys, "purify", "resnet18", "-c", files["small"], "--blocks", "1,1,1,1", "--stem-stride",
+                       "2", "--fashion-mnist", files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-q",
+                       "-o", tmp_path / "b.safetensors")
+    assert code == 0 and "warning: the model is near chance level on this data" in err and "--stem-stride" in err
+
+
+@pytest.mark.slow
+def test_a_trained_model_is_not_warned_about(capsys, files, tmp_path):
     from purenn.datasets import train_classifier
     from purenn.loaders import load_data, save_checkpoint
 
@@ -319,53 +361,11 @@ def trained(files) -> dict[str, Path]:
     torch.manual_seed(0)
     model = small_image_resnet(blocks=[1, 1, 1, 1], stem_stride=2, num_classes=5)
     model = train_classifier(model, data.dataset, epochs=15, batch_size=12, lr=3e-3, progress=False)
-    root = files["root"]
-    save_checkpoint(model, root / "trained.safetensors")
-    torch.save(model.state_dict(), root / "trained_plain.pt")
-    return {"st": root / "trained.safetensors", "plain": root / "trained_plain.pt", "model": model}
-
-
-def test_checkpoint_records_its_architecture_and_purify_rebuilds_it(capsys, files, trained, tmp_path):
-    out = tmp_path / "p.safetensors"
-    code, stdout, err = run(capsys, "purify", "resnet18", "-c", trained["st"], "--blocks", "1,1,1,1",
-                            "--fashion-mnist", files["fmnist"], "--channels", "layer4:3,5", "--n-refs", "6", "-o", out)
-    assert code == 0, err
-    assert "model accuracy on 60 samples of this data (superclasses)" in err and "near chance" not in err
-    import purenn
-
-    base = purenn.load_purified(out).base_model
-    assert base.conv1.stride == (2, 2) and isinstance(base.maxpool, torch.nn.Identity)
-    x = torch.rand(4, 1, 28, 28)
-    assert torch.equal(base(x), trained["model"](x))
-    # a .pt written by save_checkpoint records it too
-    from purenn.loaders import load_checkpoint_model, save_checkpoint
-
-    pt = tmp_path / "m.pt"
-    save_checkpoint(trained["model"], pt)
-    assert load_checkpoint_model("resnet18", pt, blocks=[1, 1, 1, 1]).conv1.stride == (2, 2)
-
-
-def test_an_ambiguous_stem_is_refused(capsys, files, trained):
-    argv = ["purify", "resnet18", "-c", trained["plain"], "--blocks", "1,1,1,1", "--fashion-mnist", files["fmnist"],
-            "--channels", "layer4:3", "--n-refs", "6", "-q"]
-    code, _, err = run(capsys, *argv)
-    assert code == 3 and "--stem-stride 1 or --stem-stride 2" in err and "3x3 stem" in err
-    code, _, err = run(capsys, "purify", "resnet18", "-c", trained["st"], "--blocks", "1,1,1,1", "--stem-stride",
-                       "1", "--fashion-mnist", files["fmnist"], "-q")
-    assert code == 3 and "records a stem stride of 2" in err
-
-
-def test_a_model_at_chance_level_is_warned_about(capsys, files, trained, tmp_path):
-    # the right stride: the trained model is well above chance on its training images
-    argv = ["purify", "resnet18", "-c", trained["plain"], "--blocks", "1,1,1,1", "--fashion-mnist", files["fmnist"],
-            "--channels", "layer4:3", "--n-refs", "6", "-o", tmp_path / "a.safetensors"]
-    code, _, err = run(capsys, *argv, "--stem-stride", "2")
-    assert code == 0 and "near chance" not in err
-    # an untrained model of the same architecture: at chance, a warning (even with -q)
-    code, _, err = run(capsys, "purify", "resnet18", "-c", files["small"], "--blocks", "1,1,1,1", "--stem-stride",
-                       "2", "--fashion-mnist", files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-q",
-                       "-o", tmp_path / "b.safetensors")
-    assert code == 0 and "warning: the model is near chance level on this data" in err and "--stem-stride" in err
+    ckpt = save_checkpoint(model, tmp_path / "trained.safetensors")
+    code, _, err = run(capsys, "purify", "resnet18", "-c", ckpt, "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-o", tmp_path / "a.safetensors")
+    assert code == 0 and "model accuracy on 60 samples of this data (superclasses)" in err
+    assert "near chance" not in err
 
 
 def test_show_and_probe_refuse_other_data(capsys, files, purified, purified_fashion, tmp_path):

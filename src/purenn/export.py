@@ -275,9 +275,11 @@ class ExportReport:
             f"pool={self.pool}, providers={list(self.providers)}",
         ]
         if self.checks:
-            lines.append(f"  per input batch: |dlogits| and |dfeatures| are the largest |ONNX Runtime - PyTorch| "
-                         f"difference, relative to the largest magnitude after 'rel' (ok below {self.rtol:.0e}); "
-                         "gates equal: share of (sample, purified neuron) gates that agree")
+            what = "|dlogits|" + (", |dfeatures|" if self.checks[0].max_abs_features else "")
+            lines.append(f"  one row per input batch; {what}: the largest |ONNX Runtime - PyTorch| difference (rel: "
+                         f"relative to the\n  largest magnitude, ok below {self.rtol:.0e})"
+                         + ("; gates equal: share of (sample, purified neuron) gates that agree"
+                            if self.checks[0].gate_count else ""))
         for c in self.checks:
             parts = [f"|dlogits| {c.max_abs_logits:.2e} (rel {c.rel_logits:.1e})"]
             if c.max_abs_features:
