@@ -56,7 +56,7 @@ def test_demo_explains_and_its_printed_commands_work(fashion_dir, tmp_path, monk
     assert (out / "model.safetensors").is_file() and (out / "purified.safetensors").is_file()
 
     commands = [shlex.split(line.split("   #")[0])[1:] for line in stdout.splitlines()
-                if line.startswith("  purenn ")]
+                if line.startswith("  ") and Path(line.split()[0]).name == "purenn"]
     assert [c[0] for c in commands] == ["inspect", "export", "show", "probe", "purify"]
     for argv in commands:
         code = cli.main(argv + (["-q"] if argv[0] != "inspect" else []))

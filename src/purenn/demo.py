@@ -160,23 +160,37 @@ def _fit_flags(args: argparse.Namespace) -> str:
     return f"{data} --split train --limit {DEMO_SETTINGS['fit_images']}"
 
 
+def _command() -> str:
+    """How to call the purenn command from here: ``purenn``, or the path of this virtual environment's
+    script when that environment is not on PATH (``make demo`` runs in ``.venv`` without activating it)."""
+    import os
+
+    script = Path(sys.executable).parent / "purenn"
+    on_path = shutil.which("purenn")
+    if sys.prefix != sys.base_prefix and script.is_file() and (on_path is None or Path(on_path) != script):
+        rel = os.path.relpath(script)
+        return rel if not rel.startswith("..") else str(script)
+    return "purenn"
+
+
 def _next_steps(out: Path, checkpoint: Path, purified: Path, fashion: bool, args: argparse.Namespace,
                 best: int) -> None:
     cfg = DEMO_SETTINGS
     q = shlex.quote
+    cmd = _command()
     data = "--fashion-mnist" + (f" {q(args.root)}" if args.root else "")
     fit = _fit_flags(args)
     blocks = ",".join(map(str, cfg["blocks"]))
     print(f"\nContinue with the purenn command (files in {out}/):")
-    print(f"  purenn inspect {q(str(purified))}                    # layers and the most polysemantic neurons")
-    print(f"  purenn export {q(str(purified))} {q(str(out / 'purified.onnx'))} --input-shape 1,28,28"
+    print(f"  {cmd} inspect {q(str(purified))}                    # layers and the most polysemantic neurons")
+    print(f"  {cmd} export {q(str(purified))} {q(str(out / 'purified.onnx'))} --input-shape 1,28,28"
           "   # ONNX, checked in ONNX Runtime")
     if fashion:
-        print(f"  purenn show {q(str(purified))} {fit} --neuron {best} --out {q(str(out / 'show.png'))}"
+        print(f"  {cmd} show {q(str(purified))} {fit} --neuron {best} --out {q(str(out / 'show.png'))}"
               "   # the same data options as the purification")
-        print(f"  purenn probe {q(str(purified))} {data} --split test --limit 2000 --labels fine"
+        print(f"  {cmd} probe {q(str(purified))} {data} --split test --limit 2000 --labels fine"
               "   # linear probes: channels vs virtual neurons")
-        print(f"  purenn purify resnet18 --checkpoint {q(str(checkpoint))} --blocks {blocks} {fit} --neurons "
+        print(f"  {cmd} purify resnet18 --checkpoint {q(str(checkpoint))} --blocks {blocks} {fit} --neurons "
               f"{args.neurons} --n-refs {cfg['n_refs']} --out {q(str(out / 'again.safetensors'))}"
               f"   # purify again (the checkpoint records its stem stride {cfg['stem_stride']})")
     else:
