@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                              progress=progress)
     pm.save(out / "purified.safetensors")
     pl = pm.pure_layer("layer4")
-    print(f"{took()} [purify] layer4: {len(pl.neurons)} neurons split into {pl.n_virtual} virtual neurons; saved "
-          f"{out / 'purified.safetensors'}")
+    print(f"{took()} [purify] layer4: {pl.summary()}; saved {out / 'purified.safetensors'}")
 
     # 3. load it back and export (export_onnx verifies ONNX Runtime against PyTorch)
     pm = purenn.load_purified(out / "purified.safetensors")

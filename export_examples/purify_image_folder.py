@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import purenn
-from purenn.loaders import load_checkpoint_model, load_data, torchvision_model
+from purenn.loaders import load_checkpoint_model, load_data, save_checkpoint, torchvision_model
 
 
 def make_fast_inputs(root: Path, arch: str) -> tuple[Path, Path]:
@@ -57,7 +57,7 @@ def make_fast_inputs(root: Path, arch: str) -> tuple[Path, Path]:
     with torch.no_grad():
         model.train()(x)
     checkpoint = root / f"{arch}.pt"
-    torch.save(model.eval().state_dict(), checkpoint)
+    save_checkpoint(model.eval(), checkpoint)  # the weights and the architecture that rebuilds them
     return folder, checkpoint
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import pytest
 import torch
 from torch import nn
 
@@ -19,6 +20,10 @@ from conftest import adapted_stem_resnet, make_model
 
 SIZE = (97, 131)
 CASES = ("resnet18", "resnet50", "resnext50_32x4d", "adapted_stem")
+#: the cases the default test run leaves to ``-m slow`` (the most expensive; resnet50 stays as the deep model)
+SLOW = ("resnext50_32x4d", "adapted_stem")
+#: CASES as pytest parameters, the SLOW ones marked slow
+CASE_PARAMS = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES]
 NEURONS = {"layer4": list(range(0, 64, 8)), "layer3.1": [1, 2, 3]}
 SUPPRESSED = ((8, 0), (8, 1), (16, 1))  # (channel, cluster) of the suppressed virtual neurons of layer4
 

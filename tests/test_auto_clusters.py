@@ -89,6 +89,7 @@ def test_purify_auto(planted_model):
     torch.testing.assert_close(merged, a.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_purify_top_n_by_score(planted_model):
     model, train, _ = planted_model
     every = purenn.purify_model(model, ["layer4"], train, n_refs=8, progress=False).pure_layer("layer4")

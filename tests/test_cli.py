@@ -133,7 +133,7 @@ def test_purify_from_safetensors_checkpoint_and_from_a_purified_file(capsys, fil
     code, stdout, _ = run(capsys, "purify", "resnet18", "-c", files["st"], "--data", files["images"], "--image-size",
                           "32", "--limit", "12", "--channels", "layer3.1:4", "--n-refs", "5", "--n-clusters", "3",
                           "-o", out, "-q")
-    assert code == 0 and "layer3.1: 1 of 256 neurons split into 258 virtual neurons" in stdout
+    assert code == 0 and "layer3.1: 1 of 256 channels purified into 3 virtual neurons; the layer has 258" in stdout
     again = tmp_path / "b.safetensors"
     code, stdout, _ = run(capsys, "purify", purified, "--data", files["images"], "--image-size", "32",
                           "--channels", "layer4:7", "--n-refs", "6", "--n-clusters", "auto", "-o", again, "-q")
@@ -305,3 +305,80 @@ def test_unexpected_and_interrupted(capsys, purified, monkeypatch, exc, code):
         assert "unexpected RuntimeError: boom" in err and "--traceback" in err and "Traceback" not in err
         got, _, err = run(capsys, "--traceback", "inspect", purified)
         assert got == 1 and "Traceback" in err
+
+
+# ------------------------------------------------------------------------------------------ no silent mismatches
+@pytest.fixture(scope="module")
+def recorded(files) -> Path:
+    """The adapted-stem (stride 2) model of ``files["small"]`` saved with its architecture (save_checkpoint)."""
+    from purenn.loaders import load_checkpoint_model, save_checkpoint
+
+    model = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
+    return save_checkpoint(model, files["root"] / "recorded.safetensors")
+
+
+def test_checkpoint_records_its_architecture_and_purify_rebuilds_it(capsys, files, recorded, tmp_path):
+    out = tmp_path / "p.safetensors"
+    code, _, err = run(capsys, "purify", "resnet18", "-c", recorded, "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3,5", "--n-refs", "6", "-o", out, "-q")
+    assert code == 0, err
+    import purenn
+    from purenn.loaders import load_checkpoint_model, save_checkpoint
+
+    original = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
+    base = purenn.load_purified(out).base_model
+    assert base.conv1.stride == (2, 2) and isinstance(base.maxpool, torch.nn.Identity)
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(base(x), original(x))
+    # a .pt written by save_checkpoint records it too
+    pt = save_checkpoint(original, tmp_path / "m.pt")
+    assert load_checkpoint_model("resnet18", pt, blocks=[1, 1, 1, 1]).conv1.stride == (2, 2)
+
+
+def test_an_ambiguous_stem_is_refused(capsys, files, recorded):
+    code, _, err = run(capsys, "purify", "resnet18", "-c", files["small"], "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-q")
+    assert code == 3 and "--stem-stride 1 or --stem-stride 2" in err and "3x3 stem" in err
+    code, _, err = run(capsys, "purify", "resnet18", "-c", recorded, "--blocks", "1,1,1,1", "--stem-stride", "1",
+                       "--fashion-mnist", files["fmnist"], "-q")
+    assert code == 3 and "records a stem stride of 2" in err
+
+
+def test_a_model_at_chance_level_is_warned_about(capsys, files, tmp_path):
+    # an untrained model: at chance, a warning (even with -q)
+    code, _, err = run(capsys, "purify", "resnet18", "-c", files["small"], "--blocks", "1,1,1,1", "--stem-stride",
+                       "2", "--fashion-mnist", files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-q",
+                       "-o", tmp_path / "b.safetensors")
+    assert code == 0 and "warning: the model is near chance level on this data" in err and "--stem-stride" in err
+
+
+@pytest.mark.slow
+def test_a_trained_model_is_not_warned_about(capsys, files, tmp_path):
+    from purenn.datasets import train_classifier
+    from purenn.loaders import load_data, save_checkpoint
+
+    data = load_data(fashion_mnist=str(files["fmnist"]), in_channels=1)
+    torch.manual_seed(0)
+    model = small_image_resnet(blocks=[1, 1, 1, 1], stem_stride=2, num_classes=5)
+    model = train_classifier(model, data.dataset, epochs=15, batch_size=12, lr=3e-3, progress=False)
+    ckpt = save_checkpoint(model, tmp_path / "trained.safetensors")
+    code, _, err = run(capsys, "purify", "resnet18", "-c", ckpt, "--blocks", "1,1,1,1", "--fashion-mnist",
+                       files["fmnist"], "--channels", "layer4:3", "--n-refs", "6", "-o", tmp_path / "a.safetensors")
+    assert code == 0 and "model accuracy on 60 samples of this data (superclasses)" in err
+    assert "near chance" not in err
+
+
+def test_show_and_probe_refuse_other_data(capsys, files, purified, purified_fashion, tmp_path):
+    code, out, _ = run(capsys, "inspect", purified_fashion)
+    assert code == 0 and f"reference samples from: --fashion-mnist {files['fmnist']} --split train" in out
+    fig = tmp_path / "x.png"
+    code, _, err = run(capsys, "show", purified_fashion, "--fashion-mnist", files["fmnist"], "--split", "test",
+                       "--limit", "20", "-o", fig, "-q")  # 20 test images: another count
+    assert code == 3 and f"purified on --fashion-mnist {files['fmnist']} --split train" in err and not fig.exists()
+    # the same count, other images (another normalisation)
+    code, _, err = run(capsys, "show", purified, "--data", files["images"], "--image-size", "32", "--mean", "0", "0",
+                       "0", "--std", "1", "1", "1", "-o", fig, "-q")
+    assert code == 3 and "reference images differ" in err and f"--data {files['images']} --image-size 32" in err
+    # probe: other samples are fine, other preprocessing is not
+    code, _, err = run(capsys, "probe", purified, "--data", files["images"], "--image-size", "40", "-q")
+    assert code == 3 and "preprocessed otherwise" in err and "input shape [3, 32, 32] vs [3, 40, 40]" in err

@@ -1,4 +1,5 @@
-"""The fast modes of the scripts in export_examples/, each run as a user would: in a subprocess."""
+"""The fast modes of the scripts in export_examples/, each run as a user would: in a subprocess (slow: CI runs
+them with ``-m slow``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "export_examples"
+pytestmark = pytest.mark.slow
 
 
 def run_example(name: str, *args: str) -> str:

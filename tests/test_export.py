@@ -20,7 +20,7 @@ import purenn
 from purenn import circuit_relevance
 from purenn._files import TEMP_TAG
 from purenn.errors import ConfigError, ExportError
-from purified_cases import CASES, SIZE, SUPPRESSED, images, purified
+from purified_cases import CASE_PARAMS, SIZE, SUPPRESSED, images, purified
 
 from conftest import tiny_resnet
 
@@ -80,7 +80,7 @@ def assert_matches(model, pm, onnx_out, x, pool="mean", tie_rtol=1e-3):
     return ties
 
 
-@pytest.fixture(scope="module", params=CASES)
+@pytest.fixture(scope="module", params=CASE_PARAMS)
 def exported(request, tmp_path_factory):
     model, pm = purified(request.param)
     path = tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx"
@@ -131,6 +131,9 @@ def test_report(exported):
     assert 0 < report.max_abs_logits < 1e-3 and all(c.finite for c in report.checks)
     assert all(v >= 0.98 for v in report.gate_agreement.values())
     assert name in report.summary() and "FAIL" not in report.summary()
+    summary = report.summary()  # every figure explained
+    assert "rel: relative to the\n  largest magnitude, ok below 1e-04" in summary and "gates equal: share of" in summary
+    assert f"(rel {report.checks[0].rel_logits:.1e})" in summary
     assert not list(path.parent.glob(f".*{TEMP_TAG}*"))  # no temporary file left
     graph = onnx.load(str(path), load_external_data=False)
     assert graph.opset_import[0].version == purenn.export.DEFAULT_OPSET

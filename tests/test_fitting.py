@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import purenn
@@ -24,6 +25,7 @@ def _setup(cache_bytes):
     return model, data, plans, refs, cache, out
 
 
+@pytest.mark.slow
 def test_cached_and_recomputed_fits_agree_with_autograd():
     from conftest import autograd_relevance
 
@@ -40,6 +42,7 @@ def test_cached_and_recomputed_fits_agree_with_autograd():
         torch.testing.assert_close(cached[p.layer][j], ref, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_cache_holds_only_current_candidates_and_gives_up_over_budget():
     _, _, plans, refs, cache, _ = _setup(1 << 30)
     members = set()

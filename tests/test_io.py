@@ -17,7 +17,7 @@ import purenn
 import purenn.io as pio
 from purenn import _files
 from purenn.errors import FileFormatError
-from purified_cases import CASES, SUPPRESSED, images, purified
+from purified_cases import CASE_PARAMS, SUPPRESSED, images, purified
 
 from conftest import adapted_stem_resnet, tiny_resnet
 
@@ -57,7 +57,7 @@ def rewrite(path, tensors, metadata, config=None):
 # ------------------------------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASE_PARAMS)
 def test_roundtrip_is_bit_exact(name, tmp_path):
     model, pm = purified(name)
     path = pm.save(tmp_path / "pure.safetensors")

@@ -117,3 +117,13 @@ def test_compare_probes_on_planted_concepts(planted_pm, planted_model):
     # fine labels are linearly readable from layer4 of a model trained on superclasses only
     assert cmp.original.accuracy > 0.6 and cmp.pure.accuracy > 0.6
     assert cmp.gain == pytest.approx(cmp.pure.accuracy - cmp.original.accuracy)
+
+
+def test_progress_bars_name_each_feature_pass(planted_model, planted_pm, capsys):
+    _, train, test = planted_model
+    compare_probes(planted_pm, train, train.fine.numpy(), test, test.fine.numpy(), layer="layer4", progress=True)
+    err = capsys.readouterr().err
+    for desc in ("pure features, train", "pure features, test", "channels, train", "channels, test"):
+        assert desc in err, desc
+    extract_features(planted_pm, test, layer="layer4")  # quiet by default
+    assert capsys.readouterr().err == ""

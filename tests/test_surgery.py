@@ -41,7 +41,8 @@ LOGIT_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", LOGIT_CASES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("resnext50_32x4d", "adapted_stem")
+                                  else n for n in LOGIT_CASES])
 def test_purified_logits_equal_original(name):
     model = LOGIT_CASES[name]()
     data = _data(10, h=97, w=131, seed=3)

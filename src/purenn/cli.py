@@ -188,6 +188,79 @@ def _data_from_args(args: argparse.Namespace, in_channels: int) -> LoadedData:
                      image_size=args.image_size, limit=args.limit, mean=args.mean, std=args.std)
 
 
+def _data_flags(args: argparse.Namespace) -> str:
+    """The data options as given on the command line."""
+    import shlex
+
+    if args.data is not None:
+        parts = ["--data", args.data]
+    else:
+        parts = ["--fashion-mnist", *([args.fashion_mnist] if args.fashion_mnist else []), "--split", args.split]
+    for flag, value in (("--image-size", args.image_size), ("--limit", args.limit)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values:
+            parts += [flag, *map(str, values)]
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def _data_options(args: argparse.Namespace, data: LoadedData) -> dict[str, Any]:
+    """What purify records about its data beside the reference fingerprint (see purenn.refdata)."""
+    return {"flags": _data_flags(args), "description": data.description,
+            "source": "folder" if args.data is not None else "fashion-mnist",
+            "input_shape": [int(s) for s in data.dataset[0][0].shape], "mean": args.mean, "std": args.std}
+
+
+def _check_preprocessing(args: argparse.Namespace, pm: Any, data: LoadedData) -> None:
+    """Refuse data preprocessed otherwise than the data ``pm`` was purified on (probe: other samples are fine)."""
+    used = (getattr(pm, "reference_data", None) or {}).get("options")
+    if not used:
+        return
+    now = _data_options(args, data)
+    diffs = [f"{what} {used.get(key)} vs {now[key]}" for key, what in
+             (("source", "source"), ("input_shape", "input shape"), ("mean", "--mean"), ("std", "--std"))
+             if used.get(key) != now[key]]
+    if diffs:
+        raise InputError(f"{args.model!r} was purified on data given as `{used['flags']}` ({used['description']}); "
+                         f"this data (`{now['flags']}`) is preprocessed otherwise ({'; '.join(diffs)}). Give the "
+                         "same source, --image-size and --mean/--std (another --split, --limit or folder is fine).")
+
+
+def _check_accuracy(args: argparse.Namespace, model: Any, data: LoadedData, n: int = 256) -> None:
+    """Print the model's accuracy on (up to ``n`` evenly spaced samples of) the data when the data's labels
+    are the model's classes, and warn when it is at chance level."""
+    import torch
+
+    from .data import DataSource
+
+    n_classes = getattr(getattr(model, "fc", None), "out_features", None)
+    if data.coarse is not None and data.coarse_names is not None and n_classes == len(data.coarse_names):
+        labels, kind = data.coarse, "superclasses"
+    elif n_classes == len(data.class_names):
+        labels, kind = data.labels, "classes"
+    else:
+        _say(args, f"accuracy not checked: the model has {n_classes} classes, the data {len(data.class_names)}")
+        return
+    idx = np.unique(np.linspace(0, len(labels) - 1, min(n, len(labels))).round().astype(np.int64))
+    source = DataSource.from_data(data.dataset, args.batch_size)
+    preds = []
+    model.eval()
+    with torch.inference_mode():
+        for s in range(0, len(idx), args.batch_size):
+            preds.append(model(source.fetch(idx[s : s + args.batch_size].tolist())).argmax(1).numpy())
+    y = labels[idx]
+    acc = float((np.concatenate(preds) == y).mean())
+    chance = float(np.bincount(y).max() / len(y))
+    _say(args, f"model accuracy on {len(idx)} samples of this data ({kind}): {acc:.1%} (chance level {chance:.1%})")
+    if acc <= chance + 0.25 * (1 - chance):
+        order = "; the folder's sub-folders must be the model's classes in its order" if args.data else ""
+        print(f"purenn {args.command}: warning: the model is near chance level on this data ({acc:.1%} on "
+              f"{len(idx)} samples, chance {chance:.1%}). Check that the checkpoint is rebuilt as it was trained "
+              f"(--stem-stride, --blocks) and that the data is preprocessed as in training (--image-size, "
+              f"--mean/--std){order}.", file=sys.stderr)
+
+
 # ============================================================================================ output
 def _table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
@@ -277,6 +350,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     in_ch = spec.in_channels
     data = _data_from_args(args, in_ch)
     _say(args, f"model: {origin}\ndata: {data.description}")
+    _check_accuracy(args, model, data)
     from .distributed import init_from_env
 
     device, started = init_from_env(args.device)  # under torchrun: one process group, one GPU per rank
@@ -287,6 +361,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed,
             workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir,
         )
+        pm.reference_data = {**(pm.reference_data or {}), "options": _data_options(args, data)}
         pm.to("cpu")
         pm.save(out)  # rank 0 writes, the other ranks wait for it
     finally:
@@ -297,10 +372,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone reports
         return EXIT_OK
     for name in pm.layers:
-        pl = pm.pure_layer(name)
-        split = int((pl.n_clusters > 1).sum())
-        print(f"{name}: {split} of {pl.channels} neurons split into {pl.n_virtual} virtual neurons "
-              f"(upstream {pl.upstream}, {len(pl.neurons)} fitted)")
+        print(f"{name}: {pm.pure_layer(name).summary()} (upstream {pm.pure_layer(name).upstream})")
     print(f"saved {out}")
     _say(args, f"next: purenn inspect {out}")
     return EXIT_OK
@@ -356,14 +428,25 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print()
     print(_table([[r["layer"], r["upstream"], r["gate"], "yes" if r["skip_aware"] else "no", r["channels"],
                    r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
-                 ["layer", "upstream", "gate", "skip-aware", "channels", "fitted", "split", "virtual",
+                 ["layer", "upstream", "gate", "skip-aware", "channels", "fitted", "purified", "virtual",
                   "suppressed"]))
+    print("  fitted: channels kept after clustering their references' circuits\n"
+          "  purified: fitted channels split into 2 or more virtual neurons\n"
+          "  virtual: the layer's virtual neurons (the purified channels' parts, plus one per channel left whole)\n"
+          "  suppressed: virtual neurons switched off")
     print()
-    print(f"most polysemantic neurons (top {len(neurons)} by score; virtual neuron: index, references):")
+    print(f"most polysemantic neurons (top {len(neurons)} by score):")
     rows = [[r["layer"], r["channel"], f"{r['score']:.4f}", "  ".join(
         f"{v['name']}=v{v['index']}:{v['n_refs']}{' (off)' if v['suppressed'] else ''}" for v in r["virtual"])]
         for r in neurons]
     print(_table(rows, ["layer", "channel", "score", "virtual neurons"]))
+    print("  score: polysemanticity, from the clusters of the references' circuits (contrast, the default: how "
+          "balanced and how\n    different they are, 0 to 1)\n"
+          "  virtual neurons: CHANNEL.CLUSTER=vINDEX:REFERENCES; INDEX is the position in the layer's pure features, "
+          "(off) = suppressed")
+    data = (config.get("reference_data") or {}).get("options")
+    if data:
+        print(f"\nreference samples from: {data['flags']} ({data['description']}); show needs the same data options")
     return EXIT_OK
 
 
@@ -439,6 +522,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
         in_ch, shape = int(input_conv(source.base_model).in_channels), None
     data = _data_from_args(args, in_ch)
+    if shape is None:
+        _check_preprocessing(args, source, data)
     if shape is not None:
         sample = tuple(data.dataset[0][0].shape)
         if sample != shape:
@@ -457,7 +542,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     _say(args, f"data: {data.description}; probing {layer} on {len(train)} train / {len(test)} test samples")
     cmp = compare_probes(source, Subset(data.dataset, train.tolist()), labels[train],
                          Subset(data.dataset, test.tolist()), labels[test], layer=layer,
-                         virtual_channels=virtual_channels)
+                         virtual_channels=virtual_channels, progress=not args.quiet)
     result = {"layer": layer, "labels": args.labels if data.coarse is not None else "class",
               "n_train": len(train), "n_test": len(test),
               "original": {"accuracy": cmp.original.accuracy, "features": cmp.original.n_features},
@@ -468,11 +553,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     print(_table([["original channels", cmp.original.n_features, f"{cmp.original.accuracy:.4f}"],
                   ["pure virtual neurons", cmp.pure.n_features, f"{cmp.pure.accuracy:.4f}"]],
                  [f"{layer} features", "dims", "test accuracy"]))
-    print(f"gain: {cmp.gain:+.4f}")
+    print(f"gain: {cmp.gain:+.4f} (pure minus original: test accuracy of a logistic-regression probe on the "
+          f"spatially averaged features; {len(train)} train / {len(test)} test samples, {result['labels']} labels)")
     return EXIT_OK
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from .refdata import check_references
     from .viz import save_neuron_figure
 
     pm = _load_purified(args.model)
@@ -494,6 +581,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if not out.parent.exists():
         raise InputError(f"cannot write {str(out)!r}: folder {str(out.parent)!r} does not exist.")
     _say(args, f"data: {data.description}")
+    check_references(pm, data.dataset, given=_data_flags(args))
     save_neuron_figure(pm, layer, channel, data.dataset, str(out), n_images=args.n_images,
                        embedding=args.embedding, seed=args.seed, labels=data.labels, class_names=data.class_names,
                        dpi=args.dpi)
@@ -530,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from ._choices import GATES, PRECISIONS, SCORES
+    from ._choices import DEFAULT_SCORE, GATES, PRECISIONS, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -551,8 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="NAME", help="pretrained weights instead: torchvision's (e.g. DEFAULT) or "
                    "timm's (DEFAULT: the tag in the name, or a tag such as a1_in1k)")
     p.add_argument("--blocks", type=_parse_blocks, metavar="A,B,C,D", help="blocks per stage for a custom depth")
-    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
-                   help="stride of an adapted (non-7x7) stem convolution (default 1)")
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
+                   help="stride of an adapted (non-7x7) stem convolution; needed when the checkpoint does not "
+                   "record its architecture (checkpoints purenn trained do)")
     _add_data_args(p)
     g = p.add_argument_group("purification")
     g.add_argument("--layers", nargs="+", metavar="LAYER", help="target layers, e.g. layer4 layer3.1 (default: "
@@ -570,8 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what selects the virtual neuron (default circuit: PURE; the others are baselines)")
     g.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")
-    g.add_argument("--score", default="silhouette", choices=SCORES,
-                   help="polysemanticity score that ranks neurons for --neurons N (default silhouette)")
+    g.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
+                   help=f"polysemanticity score that ranks neurons for --neurons N (default {DEFAULT_SCORE})")
     g.add_argument("--batch-size", type=int, default=64, metavar="N")
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")

@@ -130,8 +130,9 @@ def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
     from .cli import _parse_blocks
 
     p.add_argument("--blocks", type=_parse_blocks, metavar="A,B,C,D", help="blocks per stage for a custom depth")
-    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
-                   help="stride of an adapted (non-7x7) stem convolution (default 1)")
+    p.add_argument("--stem-stride", type=int, choices=(1, 2), default=None,
+                   help="stride of an adapted (non-7x7) stem convolution; needed when the checkpoint does not "
+                   "record its architecture")
     p.add_argument("--examples", required=True, metavar="DIR", help="folder with sub-folders concept/ and other/")
     p.add_argument("--image-size", type=int, metavar="N", help="square input size (default 224)")
     p.add_argument("--mean", type=float, nargs="+", metavar="M", help="normalisation mean per channel")

@@ -24,7 +24,7 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ._choices import SCORES
+from ._choices import DEFAULT_SCORE, SCORES
 from .errors import ConfigError, NotFittedError
 
 __all__ = ["CircuitKMeans", "SCORES", "contrast_score", "drop_empty_clusters"]
@@ -79,7 +79,7 @@ class CircuitKMeans:
         min_gap: silhouette excess over the null a split needs under ``"auto"``.
         n_init: k-means restarts (scikit-learn's ``n_init``).
         random_state: seed; the same seed gives the same centroids.
-        score: ``"silhouette"`` (default) or ``"contrast"`` (:func:`contrast_score`), what
+        score: ``"contrast"`` (:func:`contrast_score`, default) or ``"silhouette"``, what
             ``scores_`` holds.
         progress: show a progress bar over neurons.
 
@@ -111,7 +111,7 @@ class CircuitKMeans:
         min_gap: float = 0.05,
         n_init: int = 10,
         random_state: int = 0,
-        score: str = "silhouette",
+        score: str = DEFAULT_SCORE,
         progress: bool = False,
     ):
         self.score = score

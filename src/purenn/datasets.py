@@ -466,14 +466,19 @@ def cached_classifier(
     """Train ``build()`` on ``dataset`` with :func:`train_classifier`, or load it from the cache.
 
     The cache key covers ``name``, ``config``, the training options and a fingerprint of the data.
+    The weights file records the model's architecture (``"purenn_architecture"``, see
+    :func:`purenn.loaders.save_checkpoint`), so ``purenn purify ARCH --checkpoint FILE`` rebuilds it exactly.
 
     Returns:
         ``(model in eval mode, weights path, whether it came from the cache)``.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from safetensors.torch import save as safetensors_save
 
     from ._files import write_chunks
+    from .io import describe_architecture
+    from .loaders import ARCH_KEY
 
     key = json.dumps({"name": name, "config": config or {}, "train": train_kwargs, "data": _fingerprint(dataset)},
                      sort_keys=True, default=str)
@@ -482,12 +487,22 @@ def cached_classifier(
     file = path / f"{name}-{digest}.safetensors"
     torch.manual_seed(int(train_kwargs.get("seed", 0)))
     model = build()
+
+    def write() -> None:
+        arch = json.dumps(describe_architecture(model), separators=(",", ":"))
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        write_chunks(file, [safetensors_save(state, metadata={"format": "pt", "key": key, ARCH_KEY: arch})])
+
     if file.is_file():
         state = load_file(str(file))
         model.load_state_dict(state, strict=True)
-        return model.eval(), file, True
+        model.eval()
+        with safe_open(str(file), framework="pt") as f:
+            recorded = ARCH_KEY in (f.metadata() or {})
+        if not recorded:  # cached before checkpoints recorded their architecture
+            write()
+        return model, file, True
     model = train_classifier(model, dataset, progress=progress, **train_kwargs)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    write_chunks(file, [safetensors_save(state, metadata={"key": key})])
+    write()
     return model, file, False

@@ -276,11 +276,17 @@ class ExportReport:
             f"input=(batch, {', '.join(map(str, self.input_shape))}), outputs={','.join(kinds)}, "
             f"pool={self.pool}, providers={list(self.providers)}",
         ]
+        if self.checks:
+            what = "|dlogits|" + (", |dfeatures|" if self.checks[0].max_abs_features else "")
+            lines.append(f"  one row per input batch; {what}: the largest |ONNX Runtime - PyTorch| difference (rel: "
+                         f"relative to the\n  largest magnitude, ok below {self.rtol:.0e})"
+                         + ("; gates equal: share of (sample, purified neuron) gates that agree"
+                            if self.checks[0].gate_count else ""))
         for c in self.checks:
-            parts = [f"|dlogits| {c.max_abs_logits:.2e} ({c.rel_logits:.1e})"]
+            parts = [f"|dlogits| {c.max_abs_logits:.2e} (rel {c.rel_logits:.1e})"]
             if c.max_abs_features:
                 parts.append("|dfeatures| " + ", ".join(
-                    f"{n} {c.max_abs_features[n]:.2e} ({c.rel_features[n]:.1e})" for n in c.max_abs_features
+                    f"{n} {c.max_abs_features[n]:.2e} (rel {c.rel_features[n]:.1e})" for n in c.max_abs_features
                 ))
             if c.gate_count:
                 parts.append("gates equal " + ", ".join(

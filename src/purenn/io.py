@@ -60,6 +60,7 @@ from .distributed import writes_on_rank_zero
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
 from .gating import CIRCUIT_GATES
 from .purify import _check_device
+from .refdata import validate_record
 from .relevance import has_identity_path
 from .surgery import PureLayer, PurifiedModel
 
@@ -447,6 +448,8 @@ def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
         "max_memory": int(pm.max_memory),
         "layers": [_layer_entry(pm.pure_layer(name)) for name in pm.layers],
     }
+    if getattr(pm, "reference_data", None):
+        config["reference_data"] = pm.reference_data
     tensors: dict[str, Tensor] = {BASE_PREFIX + k: v for k, v in pm.base_model.state_dict().items()}
     for name in pm.layers:
         tensors.update(_layer_tensors(pm.pure_layer(name)))
@@ -869,6 +872,7 @@ def load_purified(
             f"the purified layers in {str(path)!r} do not fit the base model: {e}"
         ) from None
     _check_skip_aware(path, pm)
+    pm.reference_data = validate_record(config.get("reference_data"), repr(str(path)))
     # 3. the contents are what was saved
     if verify:
         _verify_hashes(path, metadata, found)

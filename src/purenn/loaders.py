@@ -28,8 +28,8 @@ import numpy as np
 
 from .errors import DataError, PurennError, UnsupportedModelError
 
-__all__ = ["InputError", "ARCHITECTURES", "TIMM_PREFIX", "load_checkpoint_model", "torchvision_model", "timm_model",
-           "check_timm_name", "LoadedData", "load_data"]
+__all__ = ["InputError", "ARCHITECTURES", "ARCH_KEY", "TIMM_PREFIX", "load_checkpoint_model", "save_checkpoint",
+           "torchvision_model", "timm_model", "check_timm_name", "LoadedData", "load_data"]
 
 #: torchvision builder -> (block, blocks per stage, groups, width per group)
 ARCHITECTURES = {
@@ -54,8 +54,62 @@ class InputError(PurennError, ValueError):
 
 
 # ========================================================================================== models
-def _read_state_dict(path: Path) -> dict[str, Any]:
+#: where purenn records a trained model's architecture in its checkpoint: a safetensors metadata entry,
+#: or a string entry beside ``"state_dict"`` in a ``.pt`` dict (JSON of :func:`purenn.io.describe_architecture`)
+ARCH_KEY = "purenn_architecture"
+
+
+def save_checkpoint(model: Any, path: str | os.PathLike) -> Path:
+    """Save ``model``'s weights with its architecture, so that ``purenn purify`` rebuilds it exactly.
+
+    ``.safetensors``: the ``state_dict`` with the architecture in the metadata entry
+    ``"purenn_architecture"``; ``.pt``/``.pth``: ``{"state_dict": ..., "purenn_architecture": json}``
+    (loadable with ``torch.load(..., weights_only=True)``).
+
+    Example:
+        >>> save_checkpoint(model, "model.safetensors")                 # doctest: +SKIP
+    """
+    import json
+
     import torch
+    from safetensors.torch import save_file
+
+    from ._files import atomic_write
+    from .io import describe_architecture
+
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise InputError(f"checkpoint {str(path)!r} must end in .safetensors, .pt or .pth.")
+    arch = json.dumps(describe_architecture(model), separators=(",", ":"))
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path, "checkpoint") as tmp:  # complete or absent, never half-written
+        if path.suffix == ".safetensors":
+            save_file(state, str(tmp), metadata={"format": "pt", ARCH_KEY: arch})
+        else:
+            torch.save({"state_dict": state, ARCH_KEY: arch}, str(tmp))
+    return path
+
+
+def _parse_arch(text: Any, path: Path) -> dict[str, Any] | None:
+    import json
+
+    if text is None:
+        return None
+    try:
+        arch = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        arch = None
+    if not isinstance(arch, dict) or not isinstance(arch.get("stem"), dict):
+        raise InputError(f"{str(path)!r} has a malformed {ARCH_KEY!r} entry; save it again with "
+                         "purenn.loaders.save_checkpoint(model, path).")
+    return arch
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The ``state_dict`` of a checkpoint and the architecture it records (None when it records none)."""
+    import torch
+
+    arch_text = None
 
     if not path.is_file():
         what = " (it is a directory)." if path.is_dir() else "."
@@ -73,6 +127,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
                     f"argument: purenn purify {path} --data ..."
                 )
             state = load_file(str(path))
+            arch_text = meta.get(ARCH_KEY)
         except SafetensorError as e:
             raise InputError(f"{str(path)!r} is not a readable safetensors file: {e}.") from None
     else:
@@ -89,6 +144,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
             first = (str(e).strip().splitlines() or [""])[0]  # torch's messages run over many lines
             raise InputError(f"{str(path)!r} is not a PyTorch checkpoint ({type(e).__name__}: {first}).") from None
     if isinstance(state, dict):
+        arch_text = state.pop(ARCH_KEY, arch_text) if isinstance(state.get(ARCH_KEY), str) else arch_text
         for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
             if isinstance(state.get(key), dict):
                 state = state[key]
@@ -100,7 +156,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         )
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return state, _parse_arch(arch_text, path)
 
 
 def _checkpoint_layout(state: dict[str, Any], path: Path) -> tuple[str, tuple[int, ...], int, int]:
@@ -131,18 +187,21 @@ def _describe_layout(layout: tuple[str, tuple[int, ...], int, int]) -> str:
 
 
 def load_checkpoint_model(
-    arch: str, checkpoint: str | os.PathLike, *, blocks: Sequence[int] | None = None, stem_stride: int = 1
+    arch: str, checkpoint: str | os.PathLike, *, blocks: Sequence[int] | None = None, stem_stride: int | None = None
 ) -> Any:
     """A torchvision ResNet ``arch`` with the weights of ``checkpoint`` (``.pt``/``.pth`` loaded with
     ``weights_only=True``, or ``.safetensors``), in eval mode.
 
-    ``num_classes``, the input channels and the stem are read from the checkpoint: a ``conv1`` kernel
-    other than 7x7 means an adapted small-image stem (that kernel, stride ``stem_stride``, no
-    max-pool). ``blocks`` overrides the blocks per stage of ``arch`` for a custom depth.
+    ``num_classes``, the input channels and the stem are read from the checkpoint. A checkpoint that
+    records its architecture (written by :func:`save_checkpoint` or by purenn's training helpers) is
+    rebuilt exactly from that record. Otherwise a ``conv1`` kernel other than 7x7 means an adapted
+    small-image stem (that kernel, no max-pool) whose stride the weights do not tell: ``stem_stride``
+    (1 or 2) must say it. ``blocks`` overrides the blocks per stage of ``arch`` for a custom depth.
 
     Raises:
-        InputError: the file is missing or unreadable, or holds another architecture (the message
-            says which one it holds).
+        InputError: the file is missing or unreadable, holds another architecture (the message
+            says which one it holds), has an adapted stem but no recorded architecture and no
+            ``stem_stride``, or records a stem stride other than ``stem_stride``.
 
     Example:
         >>> model = load_checkpoint_model("resnet18", "weights.pt")          # doctest: +SKIP
@@ -156,10 +215,10 @@ def load_checkpoint_model(
                          f"{', '.join(ARCHITECTURES)}.")
     if blocks is not None and (len(blocks) != 4 or not all(isinstance(b, int) and b >= 1 for b in blocks)):
         raise InputError(f"blocks must be four positive integers (blocks per stage), got {blocks!r}.")
-    if stem_stride not in (1, 2):
+    if stem_stride not in (None, 1, 2):
         raise InputError(f"stem_stride must be 1 or 2, got {stem_stride!r}.")
     path = Path(checkpoint)
-    state = _read_state_dict(path)
+    state, recorded = _read_checkpoint(path)
     found = _checkpoint_layout(state, path)
     block, counts, groups, width = ARCHITECTURES[arch]
     wanted = (block, tuple(blocks) if blocks is not None else counts, groups, width)
@@ -173,10 +232,19 @@ def load_checkpoint_model(
             + hint
         )
     fc, conv1 = state["fc.weight"], state["conv1.weight"]
+    out_ch, in_ch, kh, kw = (int(s) for s in conv1.shape)
+    if recorded is not None:
+        return _rebuild_recorded(recorded, state, path, stem_stride)
+    if (kh, kw) != (7, 7) and stem_stride is None:
+        raise InputError(
+            f"{str(path)!r} has an adapted {kh}x{kw} stem convolution, and its weights do not say its stride: pass "
+            "--stem-stride 1 or --stem-stride 2 (stem_stride=), the stride the model was trained with. A wrong "
+            "stride gives a model with the same weights that computes something else. (Checkpoints saved with "
+            "purenn.loaders.save_checkpoint record it.)"
+        )
     block_cls = getattr(torchvision.models.resnet, block)
     model = torchvision.models.ResNet(block_cls, list(wanted[1]), num_classes=int(fc.shape[0]), groups=groups,
                                       width_per_group=width)
-    out_ch, in_ch, kh, kw = (int(s) for s in conv1.shape)
     if (kh, kw) != (7, 7) or in_ch != 3:
         stride = 2 if (kh, kw) == (7, 7) else int(stem_stride)
         model.conv1 = nn.Conv2d(in_ch, out_ch, (kh, kw), stride, (kh // 2, kw // 2), bias="conv1.bias" in state)
@@ -187,6 +255,30 @@ def load_checkpoint_model(
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
         raise InputError(f"{str(path)!r} does not fit {arch}: {' '.join(lines)[:600]}") from None
+    return model.to(conv1.dtype if conv1.is_floating_point() else torch.float32).eval()
+
+
+def _rebuild_recorded(recorded: dict[str, Any], state: dict[str, Any], path: Path, stem_stride: int | None) -> Any:
+    """The model a checkpoint's recorded architecture describes, with its weights."""
+    import torch
+
+    from .errors import FileFormatError
+    from .io import build_base_model
+
+    stride = (recorded["stem"].get("stride") or [None])[0]
+    if stem_stride is not None and stride != stem_stride:
+        raise InputError(f"{str(path)!r} records a stem stride of {stride}; --stem-stride {stem_stride} "
+                         "(stem_stride=) contradicts it: leave the option out.")
+    try:
+        model = build_base_model(recorded)
+    except FileFormatError as e:
+        raise InputError(f"{str(path)!r}: {e}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
+        raise InputError(f"{str(path)!r} does not fit the architecture it records: {' '.join(lines)[:600]}") from None
+    conv1 = state["conv1.weight"]
     return model.to(conv1.dtype if conv1.is_floating_point() else torch.float32).eval()
 
 
@@ -267,7 +359,7 @@ def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
                 "may not reach the Hugging Face Hub: use a local checkpoint (--checkpoint) instead."
             ) from None
     path = Path(checkpoint)
-    state = _read_state_dict(path)
+    state, _ = _read_checkpoint(path)
     stem = next((state[k] for k in ("conv1.weight", "conv1.0.weight") if k in state), None)
     fc = state.get("fc.weight")
     if stem is None or stem.ndim != 4 or not any(k.startswith("layer4.") for k in state):

@@ -92,8 +92,15 @@ def _session(source: Any) -> Any:
     return source
 
 
+def _bar(data: Any, progress: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(data), desc=desc, unit="img", disable=not progress, leave=False)
+
+
 def _onnx_features(
-    session: Any, data: Any, layer: str, kind: str, batch_size: int, virtual_channels: Sequence[int] | None
+    session: Any, data: Any, layer: str, kind: str, batch_size: int, virtual_channels: Sequence[int] | None,
+    progress: bool = False, desc: str = "features",
 ) -> np.ndarray:
     names = [o.name for o in session.get_outputs()]
     out_name = f"pure.{layer}"
@@ -108,7 +115,9 @@ def _onnx_features(
         vc = np.asarray(virtual_channels, dtype=np.int64)
     input_name = session.get_inputs()[0].name
     parts = []
+    bar = _bar(data, progress, desc)
     for x in _numpy_batches(data, batch_size):
+        bar.update(len(x))
         f = np.asarray(session.run([out_name], {input_name: x})[0])
         if kind == "original":
             if f.shape[1] != len(vc):
@@ -117,6 +126,7 @@ def _onnx_features(
             np.add.at(merged, (slice(None), vc), f)
             f = merged
         parts.append(f)
+    bar.close()
     return np.concatenate(parts)
 
 
@@ -129,6 +139,8 @@ def extract_features(
     pool: str = "mean",
     batch_size: int = 128,
     virtual_channels: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "features",
 ) -> np.ndarray:
     """Pooled features ``(N, D)`` of one purified layer over ``data``.
 
@@ -145,6 +157,8 @@ def extract_features(
         batch_size: samples per forward pass.
         virtual_channels: for ``kind="original"`` from ONNX, the source channel of each virtual
             neuron (``pm.pure_layer(layer).v_channel.tolist()``).
+        progress: show a progress bar (stderr) labelled ``desc``.
+        desc: the bar's label.
 
     Example:
         >>> feats = extract_features(pm, test_images, layer="layer4")          # doctest: +SKIP
@@ -156,11 +170,12 @@ def extract_features(
         raise ConfigError(f"pool must be one of {POOLED}, got {pool!r}.")
     batch_size = check_int("batch_size", batch_size, 1)
     if isinstance(source, (str, os.PathLike)) or _is_session(source):
-        return _onnx_features(_session(source), data, layer, kind, batch_size, virtual_channels)
-    return _torch_features(source, data, layer, kind, pool, batch_size)
+        return _onnx_features(_session(source), data, layer, kind, batch_size, virtual_channels, progress, desc)
+    return _torch_features(source, data, layer, kind, pool, batch_size, progress, desc)
 
 
-def _torch_features(pm: Any, data: Any, layer: str, kind: str, pool: str, batch_size: int) -> np.ndarray:
+def _torch_features(pm: Any, data: Any, layer: str, kind: str, pool: str, batch_size: int, progress: bool = False,
+                    desc: str = "features") -> np.ndarray:
     import torch
 
     from .arch import ResNetSpec
@@ -180,8 +195,10 @@ def _torch_features(pm: Any, data: Any, layer: str, kind: str, pool: str, batch_
     device = next(pm.base_model.parameters()).device
     dtype = next(pm.base_model.parameters()).dtype
     parts = []
+    bar = _bar(data, progress, desc)
     with torch.no_grad():
         for _, x in DataSource.from_data(data, batch_size).batches():
+            bar.update(len(x))
             x = x.to(device=device, dtype=dtype)
             if kind == "pure":
                 f = pm.pure_features(x, pool=pool)[layer]
@@ -189,6 +206,7 @@ def _torch_features(pm: Any, data: Any, layer: str, kind: str, pool: str, batch_
                 a = spec.run_until(x, {pos})[0][pos]
                 f = a.mean(dim=(-2, -1)) if pool == "mean" else a.amax(dim=(-2, -1))
             parts.append(f.cpu().numpy())
+    bar.close()
     return np.concatenate(parts)
 
 
@@ -246,6 +264,7 @@ def compare_probes(
     C: float = 1.0,
     batch_size: int = 128,
     virtual_channels: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> ProbeComparison:
     """Held-out accuracy of linear probes on the original channels vs the pure virtual neurons.
 
@@ -260,19 +279,21 @@ def compare_probes(
         C: inverse L2 regularisation strength of the probes.
         batch_size: samples per forward pass.
         virtual_channels: needed for an ONNX source (see :func:`extract_features`).
+        progress: show progress bars (stderr) for the four feature passes.
 
     Example:
         >>> cmp = compare_probes(pm, train_x, fine_train, test_x, fine_test, layer="layer4")   # doctest: +SKIP
         >>> cmp.original.accuracy, cmp.pure.accuracy, cmp.gain                               # doctest: +SKIP
     """
-    kw = {"layer": layer, "pool": pool, "batch_size": batch_size, "virtual_channels": virtual_channels}
+    kw = {"layer": layer, "pool": pool, "batch_size": batch_size, "virtual_channels": virtual_channels,
+          "progress": progress}
     pure = (
-        extract_features(source, train_data, kind="pure", **kw),
-        extract_features(source, test_data, kind="pure", **kw),
+        extract_features(source, train_data, kind="pure", desc="pure features, train", **kw),
+        extract_features(source, test_data, kind="pure", desc="pure features, test", **kw),
     )
     orig = (
-        extract_features(source, train_data, kind="original", **kw),
-        extract_features(source, test_data, kind="original", **kw),
+        extract_features(source, train_data, kind="original", desc="channels, train", **kw),
+        extract_features(source, test_data, kind="original", desc="channels, test", **kw),
     )
     return ProbeComparison(
         layer=layer,

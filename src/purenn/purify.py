@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
+from ._choices import DEFAULT_SCORE
 from ._validate import as_int, check_int, check_memory
 from .arch import Block, ResNetSpec, input_conv
 from .cluster import SCORES, CircuitKMeans
@@ -27,6 +28,7 @@ from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
 from .precision import check_precision
+from .refdata import fingerprint_references
 from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
 from .resume import Checkpoint, run_fingerprint
 from .surgery import PureLayer, PurifiedModel, _copy_module
@@ -234,7 +236,7 @@ def purify_model(
     max_clusters: int = 4,
     gate: str = "circuit",
     gate_weight: float = 0.5,
-    score: str = "silhouette",
+    score: str = DEFAULT_SCORE,
     batch_size: int = 64,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -285,7 +287,7 @@ def purify_model(
             weighted by ``gate_weight``.
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
         score: the polysemanticity score stored per neuron and used by ``neurons=N``:
-            ``"silhouette"`` or ``"contrast"`` (see :class:`~purenn.cluster.CircuitKMeans`).
+            ``"contrast"`` (default) or ``"silhouette"`` (see :class:`~purenn.cluster.CircuitKMeans`).
         batch_size: samples per forward pass.
         device: where to compute (default: the model's device). When the model is elsewhere, purenn
             works on a copy moved there, and the purified model holds that copy (the caller's model
@@ -440,4 +442,5 @@ def purify_model(
         )
     pm = PurifiedModel(model, pure_layers, max_memory=int(max_memory))
     pm._owns_base = owned
+    pm.reference_data = fingerprint_references(pm, data, batch_size=batch_size)
     return pm

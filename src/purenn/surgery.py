@@ -247,6 +247,20 @@ class PureLayer(nn.Module):
     def n_virtual(self) -> int:
         return int(self.v_channel.shape[0])
 
+    def summary(self) -> str:
+        """One line in purenn's vocabulary: *channels* of the layer, *purified neurons* (channels split
+        in two or more) and *virtual neurons* (what the layer has after the split: the purified
+        neurons' parts plus one per channel left whole).
+
+        Example:
+            >>> pl.summary()                                           # doctest: +SKIP
+            '8 of 512 channels purified into 16 virtual neurons; the layer has 520 virtual neurons'
+        """
+        split = self.n_clusters > 1
+        parts = int(self.n_clusters[split].sum())
+        return (f"{int(split.sum())} of {self.channels} channels purified into {parts} virtual neurons; "
+                f"the layer has {self.n_virtual} virtual neurons")
+
     def gated_neurons(self, subset_only: bool) -> Tensor:
         """Positions (into ``neurons``) whose gate matters: all split neurons (a neuron left whole,
         with one cluster, always gates to 0), or only those whose virtual neurons have unequal merge
@@ -430,6 +444,8 @@ class PurifiedModel(nn.Module):
         self.max_memory = check_memory("max_memory", max_memory)
         self._spec = spec
         self._owns_base = False  # True once base_model is purenn's own (a copy, or rebuilt by load_purified)
+        #: which data the reference indices point into (:mod:`purenn.refdata`); kept by save and load
+        self.reference_data: dict | None = None
         self.eval()
 
     @staticmethod

@@ -34,6 +34,7 @@ from ._files import as_path, atomic_write, resolve_target
 from ._validate import check_int
 from .data import DataSource
 from .errors import ConfigError, DataError, PurennError
+from .refdata import check_references
 from .relevance import circuit_relevance
 
 __all__ = ["MissingExtraError", "EMBEDDINGS", "MAX_DPI", "neuron_figure", "neuron_circuits", "embed_2d",
@@ -96,6 +97,7 @@ def neuron_circuits(pm: Any, layer: str, channel: int, data: Any, *, batch_size:
     if idx.numel() == 0:
         raise DataError(f"the model holds no reference samples for {layer!r}; purify it again to draw figures.")
     clusters = pl.ref_clusters[k].cpu()
+    check_references(pm, data, batch_size=batch_size)
     source = DataSource.from_data(data, batch_size)
     if int(idx.max()) >= len(source):
         raise DataError(
