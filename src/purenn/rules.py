@@ -1,0 +1,270 @@
+"""Relevance rules: PURE's gradient and zennit's LRP rules, each as its backward step in plain ops.
+
+A rule says how relevance crosses a convolution (BatchNorm merged into it) and the residual sum
+of a block. :func:`purenn.relevance.segment_backward` runs the same loop for every rule; a rule
+only supplies, per convolution, its *terms*: pairs ``(weight W_j, factor d_j)`` such that the
+relevance at the convolution's input is ::
+
+    R_in = x * sum_j conv_transpose(W_j, R_out * d_j)
+
+where ``x`` is the convolution's input and ``d_j`` (shape of the output, one per sample) comes
+from the one forward pass. zennit's rules have exactly this form (``BasicHook``: modified
+inputs, parameters and a stabilised division, reduced as input x gradient). Inside a ResNet
+segment every convolution input is a ReLU output, hence non-negative, so the terms of zennit's
+rules that act on the negative part of the input vanish and are left out.
+
+The residual sum ``z = main + skip`` splits relevance in proportion to its inputs, as zennit's
+``Norm`` rule on the ``Sum`` module of its ``ResNetCanonizer`` does:
+``R_main = main * R / stab(z)``, ``R_skip = skip * R / stab(z)``. ReLUs pass relevance unchanged
+(zennit's ``Pass``). The gradient rule is the special case without stabilised division: its
+factors are the ReLU masks and the circuit is gradient x activation.
+
+Rules (zennit defaults): ``"gradient"`` (PURE's), ``"epsilon"`` (:class:`Epsilon`, eps 1e-6),
+``"zplus"`` (:class:`ZPlus`), ``"alpha2beta1"`` (:class:`AlphaBeta`, alpha 2, beta 1),
+``"gamma"`` (:class:`Gamma`, gamma 0.25). A new rule is a subclass with ``conv_terms``.
+
+Example:
+    >>> rule = get_rule("epsilon")
+    >>> rule.name, rule.config()
+    ('epsilon', 'epsilon')
+    >>> get_rule(Epsilon(epsilon=0.25)).config()
+    {'name': 'epsilon', 'epsilon': 0.25}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .arch import Block, BlockRecord, ConvBN
+from .errors import ConfigError
+
+__all__ = [
+    "RULES",
+    "Rule",
+    "Gradient",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "get_rule",
+    "rule_from_config",
+    "stabilize",
+    "folded_bias",
+    "block_factors",
+]
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """zennit's stabiliser: ``z + epsilon * sign(z)``, with sign +1 at 0, so it is never zero."""
+    return z + ((z == 0).to(z.dtype) + z.sign()) * epsilon
+
+
+def folded_bias(cb: ConvBN) -> Tensor:
+    """The bias of the convolution with its BatchNorm merged (as zennit's ``MergeBatchNorm``)."""
+    bn = cb.bn
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    b = -bn.running_mean if cb.conv.bias is None else cb.conv.bias - bn.running_mean
+    b = b * scale
+    return b if bn.bias is None else b + bn.bias
+
+
+def _conv(cb: ConvBN, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    c = cb.conv
+    return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A relevance rule: how relevance crosses a convolution and the residual sum.
+
+    Subclasses set ``name`` and implement :meth:`conv_terms`. ``sum_stabilizer`` is the
+    stabiliser of the residual sum's proportional split (zennit's ``Norm`` on ``Sum``).
+    """
+
+    name: ClassVar[str] = ""
+    #: False only for the gradient: no relevance split, masks instead of stabilised ratios
+    is_lrp: ClassVar[bool] = True
+
+    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``[(W_j, d_j)]`` for a convolution with input ``x`` (``>= 0``) and merged output ``z``."""
+        raise NotImplementedError
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        """The weights ``W_j`` of :meth:`conv_terms` (for the backward pass, per term)."""
+        raise NotImplementedError
+
+    @property
+    def sum_stabilizer(self) -> float:
+        return 1e-6
+
+    def config(self) -> str | dict[str, Any]:
+        """The rule's name when it has its default parameters, else ``{"name": ..., **parameters}``."""
+        params = {f.name: getattr(self, f.name) for f in fields(self)}
+        defaults = {f.name: f.default for f in fields(self)}
+        return self.name if params == defaults else {"name": self.name, **params}
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """PURE's rule: the plain gradient (ReLU masks), the circuit is gradient x activation."""
+
+    name: ClassVar[str] = "gradient"
+    is_lrp: ClassVar[bool] = False
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight()]
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """zennit's ``Epsilon``: ``R_in = x * W^T (R / stab(z))``, ``stab(z) = z + epsilon sign(z)``."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "epsilon"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight()]
+
+    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        w = cb.folded_weight()
+        return [(w, 1 / stabilize(z, self.epsilon))]
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """zennit's ``ZPlus``: positive weights and bias, ``R_in = x * W+^T (R / stab(W+ x + b+))``."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "zplus"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight().clamp(min=0)]
+
+    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        (wp,) = self.conv_weights(cb)
+        zp = _conv(cb, x, wp, folded_bias(cb).clamp(min=0))
+        return [(wp, 1 / stabilize(zp, self.stabilizer))]
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """zennit's ``AlphaBeta``: ``alpha`` times the positive, minus ``beta`` times the negative
+    contributions, each normalised by its own stabilised sum (bias split by sign)."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "alpha2beta1"
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-12:
+            raise ConfigError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1, got {self.alpha}, {self.beta}.")
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        w = cb.folded_weight()
+        return [w.clamp(min=0), w.clamp(max=0)]
+
+    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        wp, wn = self.conv_weights(cb)
+        b = folded_bias(cb)
+        zp = _conv(cb, x, wp, b.clamp(min=0))
+        zn = _conv(cb, x, wn, b.clamp(max=0))
+        return [(wp, self.alpha / stabilize(zp, self.stabilizer)), (wn, -self.beta / stabilize(zn, self.stabilizer))]
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """zennit's generalised ``Gamma``: where the output ``z > 0``, weights ``W + gamma W+`` (bias
+    ``b + gamma b+``); where ``z < 0``, ``W + gamma W-`` (bias ``b + gamma b-``)."""
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "gamma"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        w = cb.folded_weight()
+        return [w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)]
+
+    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+        wp, wn = self.conv_weights(cb)
+        b = folded_bias(cb)
+        zp = _conv(cb, x, wp, b + self.gamma * b.clamp(min=0))
+        zn = _conv(cb, x, wn, b + self.gamma * b.clamp(max=0))
+        pos, neg = (z > 0).to(z.dtype), (z < 0).to(z.dtype)
+        return [(wp, pos / stabilize(zp, self.stabilizer)), (wn, neg / stabilize(zn, self.stabilizer))]
+
+
+#: rule name -> class; ``get_rule(name)`` builds it with zennit's default parameters
+RULES: dict[str, type[Rule]] = {r.name: r for r in (Gradient, Epsilon, ZPlus, AlphaBeta, Gamma)}
+
+
+def get_rule(rule: str | Rule) -> Rule:
+    """A :class:`Rule` from a name in :data:`RULES` or a rule object (returned as it is).
+
+    Raises:
+        ConfigError: an unknown name or type, listing the choices.
+    """
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str) and rule in RULES:
+        return RULES[rule]()
+    raise ConfigError(
+        f"unknown relevance rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)} "
+        "or pass a purenn.rules.Rule object such as purenn.rules.Epsilon(epsilon=0.01)."
+    )
+
+
+def rule_from_config(config: str | Mapping[str, Any]) -> Rule:
+    """Inverse of :meth:`Rule.config` (raises :class:`ConfigError` on anything else)."""
+    if isinstance(config, Mapping):
+        name = config.get("name")
+        cls = RULES.get(name) if isinstance(name, str) else None
+        params = {k: v for k, v in config.items() if k != "name"}
+        allowed = {f.name for f in fields(cls)} if cls is not None else set()
+        if cls is None or not set(params) <= allowed or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+            for v in params.values()
+        ):
+            raise ConfigError(f"bad relevance rule config {dict(config)!r}; names: {', '.join(RULES)}.")
+        return cls(**{k: float(v) for k, v in params.items()})
+    return get_rule(config)
+
+
+def block_factors(rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype) -> dict[str, Any]:
+    """Per-sample tensors ``(B, C, H, W)`` the backward pass of ``block`` multiplies in, for ``rule``.
+
+    Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor}``:
+    ``main[-1]`` and ``skip`` multiply the relevance at the residual sum, ``main[i]`` (``i`` before
+    the last) multiplies the gradient-like quantity at the input of main conv ``i + 1``, ``out``
+    the one at the block output. ``None`` means "multiply by 1".
+    """
+    if not rule.is_lrp:
+        acts = [(a > 0).to(dtype) for a in rec.acts]
+        return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype)}
+    xs = [rec.inp, *rec.acts]
+    main: list[list[Tensor | None]] = []
+    last = len(block.main) - 1
+    x_main = _conv(block.main[last], xs[last], block.main[last].folded_weight(), folded_bias(block.main[last]))
+    if block.downsample is None:
+        x_skip = rec.inp
+    else:
+        ds = block.downsample
+        x_skip = _conv(ds, rec.inp, ds.folded_weight(), folded_bias(ds))
+    inv = 1 / stabilize(x_main + x_skip, rule.sum_stabilizer)
+    for i, cb in enumerate(block.main):
+        z = x_main if i == last else _conv(cb, xs[i], cb.folded_weight(), folded_bias(cb))
+        mult = x_main * inv if i == last else xs[i + 1]
+        main.append([mult * d for _, d in rule.conv_terms(cb, xs[i], z)])
+    if block.downsample is None:
+        skip: list[Tensor | None] = [inv]
+    else:
+        skip = [x_skip * inv * d for _, d in rule.conv_terms(block.downsample, rec.inp, x_skip)]
+    return {"main": main, "skip": skip, "out": rec.out}
