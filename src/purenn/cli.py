@@ -117,6 +117,13 @@ def _data_from_args(args: argparse.Namespace, in_channels: int) -> LoadedData:
 
 
 # ============================================================================================ output
+def _rule_text(config: Any) -> str:
+    """A rule config as text: its name, with parameters when they are not zennit's defaults."""
+    if isinstance(config, dict):
+        return config["name"] + "(" + ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") + ")"
+    return str(config)
+
+
 def _table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -213,7 +220,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     pm = purify_model(
         model, layers, dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
         max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
-        batch_size=args.batch_size, device=args.device,
+        batch_size=args.batch_size, device=args.device, rule=args.rule,
         progress=not args.quiet, seed=args.seed,
     )
     pm.to("cpu")
@@ -253,7 +260,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     layers = []
     for name in pm.layers:
         pl = pm.pure_layer(name)
-        layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "skip_aware": pl.skip_aware,
+        layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "rule": pl.rule.config(),
+                       "skip_aware": pl.skip_aware,
                        "channels": pl.channels, "fitted": len(pl.neurons), "split": int((pl.n_clusters > 1).sum()),
                        "virtual": pl.n_virtual, "suppressed": int((pl.merge_weight == 0).sum())})
     neurons = _neuron_rows(pm, args.top)
@@ -270,9 +278,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
           f"stride {(stem.get('stride') or ['?'])[0]} {pool}")
     print()
-    print(_table([[r["layer"], r["upstream"], r["gate"], "yes" if r["skip_aware"] else "no", r["channels"],
-                   r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
-                 ["layer", "upstream", "gate", "skip-aware", "channels", "fitted", "split", "virtual",
+    print(_table([[r["layer"], r["upstream"], r["gate"], _rule_text(r["rule"]), "yes" if r["skip_aware"] else "no",
+                   r["channels"], r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
+                 ["layer", "upstream", "gate", "rule", "skip-aware", "channels", "fitted", "split", "virtual",
                   "suppressed"]))
     print()
     print(f"most polysemantic neurons (top {len(neurons)} by score; virtual neuron: index, references):")
@@ -442,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from ._choices import GATES, SCORES
+    from ._choices import GATES, RULES, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -480,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what selects the virtual neuron (default circuit: PURE; the others are baselines)")
     g.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")
+    g.add_argument("--rule", default="gradient", choices=RULES,
+                   help="relevance rule of the circuits: gradient (PURE's, default) or one of zennit's LRP rules "
+                   "with zennit's default parameters")
     g.add_argument("--score", default="silhouette", choices=SCORES,
                    help="polysemanticity score that ranks neurons for --neurons N (default silhouette)")
     g.add_argument("--batch-size", type=int, default=64, metavar="N")

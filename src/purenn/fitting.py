@@ -19,6 +19,7 @@ from .arch import Block, ResNetSpec
 from .collect import ActivationCache, References
 from .data import DataSource
 from .relevance import normalize_relevance, pair_relevance
+from .rules import Rule
 
 __all__ = ["fit_circuits"]
 
@@ -29,6 +30,7 @@ class _Plan(Protocol):
     up_position: int
     neurons: tuple[int, ...]
     skip_aware: bool
+    rule: Rule
 
     def blocks(self, spec: ResNetSpec) -> tuple[Block, ...]: ...
 
@@ -104,6 +106,7 @@ def fit_circuits(
                     local,
                     neurons,
                     max_memory,
+                    p.rule,
                 )
                 r = normalize_relevance(r, neurons, drop_self=p.skip_aware).cpu()
                 if p.layer not in out:

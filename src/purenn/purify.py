@@ -8,7 +8,7 @@ not its weights, not its mode (it runs in inference form whatever its mode), not
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
 from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
+from .rules import Gradient, Rule, get_rule
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -40,6 +41,7 @@ class LayerPlan:
     up_position: int
     neurons: tuple[int, ...]
     skip_aware: bool
+    rule: Rule = Gradient()
 
     def blocks(self, spec: ResNetSpec) -> tuple[Block, ...]:
         return spec.segment(self.up_position, self.position)
@@ -207,6 +209,7 @@ def purify_model(
     seed: int = 0,
     max_memory: int = DEFAULT_MAX_MEMORY,
     cache_memory: int = DEFAULT_CACHE_MEMORY,
+    rule: str | Rule = "gradient",
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
 
@@ -256,6 +259,11 @@ def purify_model(
         cache_memory: bytes the streaming pass may spend keeping the upstream activations of the
             reference candidates, so fitting need not run the network again (0 disables it; when
             the candidates need more, fitting recomputes their forward pass instead).
+        rule: relevance rule of the circuits: ``"gradient"`` (PURE's gradient x activation, the
+            default) or one of zennit's LRP rules ``"epsilon"``, ``"zplus"``, ``"alpha2beta1"``,
+            ``"gamma"`` (zennit's default parameters), or a :class:`purenn.rules.Rule` such as
+            ``purenn.rules.Epsilon(epsilon=0.01)``. Stored in the purified layers and the file, and
+            used by the gates and the exported graph.
 
     Returns:
         The :class:`PurifiedModel`.
@@ -289,7 +297,8 @@ def purify_model(
     if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
         raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
     neurons, top = _split_neuron_request(spec, layers, neurons)
-    plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
+    rule = get_rule(rule)
+    plans = [replace(p, rule=rule) for p in _plan_layers(spec, layers, neurons, upstream, skip_aware)]
     if data is None:
         raise DataError("purify_model needs data to find each neuron's reference samples.")
     source = DataSource.from_data(data, batch_size)
@@ -355,6 +364,7 @@ def purify_model(
                 ref_indices=refs[p.layer].indices[chosen],
                 ref_clusters=torch.as_tensor(km.labels_[keep]),
                 skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
+                rule=rule,
                 gate=gate,
                 gate_weight=gate_weight,
             ).to(device)

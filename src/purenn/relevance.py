@@ -278,7 +278,10 @@ def has_identity_path(blocks: Sequence[Block]) -> bool:
 
 
 def block_masks(
-    blocks: Sequence[Block], recs: Sequence[BlockRecord], rule: str | Rule = "gradient", dtype: torch.dtype | None = None
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    rule: str | Rule = "gradient",
+    dtype: torch.dtype | None = None,
 ) -> list[SegmentMasks]:
     """The :class:`SegmentMasks` of a segment for a batch, tensors shaped ``(B, C, H, W)`` (no pair
     axis yet), computed once from the recorded forward pass."""
@@ -367,7 +370,7 @@ def pair_relevance(
     out = []
     for s in range(0, n, chunk):
         si, ni = sample_idx[s : s + chunk], neuron_idx[s : s + chunk]
-        masks = [m.map(lambda t: t[si][None]) for m in flat]
+        masks = [m.map(lambda t, si=si: t[si][None]) for m in flat]
         a_sel = a_target[si, ni].clamp(min=0)[None]
         out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None], rule)[0])
     return torch.cat(out, dim=0)

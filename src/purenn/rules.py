@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._choices import RULES as RULE_NAMES
 from .arch import Block, BlockRecord, ConvBN
 from .errors import ConfigError
 
@@ -204,6 +205,7 @@ class Gamma(Rule):
 
 #: rule name -> class; ``get_rule(name)`` builds it with zennit's default parameters
 RULES: dict[str, type[Rule]] = {r.name: r for r in (Gradient, Epsilon, ZPlus, AlphaBeta, Gamma)}
+assert tuple(RULES) == RULE_NAMES, "purenn._choices.RULES must list the rules (the CLI reads it)"
 
 
 def get_rule(rule: str | Rule) -> Rule:
