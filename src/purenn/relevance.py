@@ -177,7 +177,10 @@ def _conv_back_onehot(
 
 
 def _take(f: Tensor, neurons: Tensor) -> Tensor:
-    """Channel ``neurons[g]`` of ``f`` ``(N, G or 1, C, H, W)`` for each neuron: ``(N, G, H, W)``."""
+    """Channel ``neurons[g]`` of ``f`` ``(N, G or 1, C, H, W)`` for each neuron: ``(N, G, H, W)``
+    (a 4-D ``f`` has been taken already)."""
+    if f.ndim == 4:
+        return f
     if f.shape[1] == 1:
         return f[:, 0, neurons]
     idx = neurons[None, :, None, None, None].expand(f.shape[0], -1, 1, f.shape[3], f.shape[4])
@@ -370,7 +373,18 @@ def pair_relevance(
     out = []
     for s in range(0, n, chunk):
         si, ni = sample_idx[s : s + chunk], neuron_idx[s : s + chunk]
-        masks = [m.map(lambda t, si=si: t[si][None]) for m in flat]
+        masks = [m.map(lambda t, si=si: t[si][None]) for m in flat[:-1]]
+        top = flat[-1]  # the target block's sum factors are only read at each pair's own channel
+        masks.append(
+            SegmentMasks(
+                main=[*([None if t is None else t[si][None] for t in ts] for ts in top.main[:-1]),
+                      [None if t is None else t[si, ni][None] for t in top.main[-1]]],
+                skip=[None if t is None else t[si, ni][None] for t in top.skip],
+                out=top.out[si][None],
+                in_hw=top.in_hw,
+                act_hw=top.act_hw,
+            )
+        )
         a_sel = a_target[si, ni].clamp(min=0)[None]
         out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None], rule)[0])
     return torch.cat(out, dim=0)

@@ -21,7 +21,7 @@ factors are the ReLU masks and the circuit is gradient x activation.
 
 Rules (zennit defaults): ``"gradient"`` (PURE's), ``"epsilon"`` (:class:`Epsilon`, eps 1e-6),
 ``"zplus"`` (:class:`ZPlus`), ``"alpha2beta1"`` (:class:`AlphaBeta`, alpha 2, beta 1),
-``"gamma"`` (:class:`Gamma`, gamma 0.25). A new rule is a subclass with ``conv_terms``.
+``"gamma"`` (:class:`Gamma`, gamma 0.25). A new rule is a subclass with ``conv_weights`` and ``conv_factors``.
 
 Example:
     >>> rule = get_rule("epsilon")
@@ -86,7 +86,7 @@ def _conv(cb: ConvBN, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 class Rule:
     """A relevance rule: how relevance crosses a convolution and the residual sum.
 
-    Subclasses set ``name`` and implement :meth:`conv_terms`. ``sum_stabilizer`` is the
+    Subclasses set ``name`` and implement :meth:`conv_weights` and :meth:`conv_factors`. ``sum_stabilizer`` is the
     stabiliser of the residual sum's proportional split (zennit's ``Norm`` on ``Sum``).
     """
 
@@ -94,12 +94,18 @@ class Rule:
     #: False only for the gradient: no relevance split, masks instead of stabilised ratios
     is_lrp: ClassVar[bool] = True
 
-    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """``[(W_j, d_j)]`` for a convolution with input ``x`` (``>= 0``) and merged output ``z``."""
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        """The factors ``d_j`` of a convolution with input ``x`` (``>= 0``) and merged output ``z``,
+        one per weight of :meth:`conv_weights` (in that order).
+
+        With ``before_relu`` the convolution feeds a ReLU, whose output multiplies every factor, so
+        the factors only matter where ``z > 0`` (``z`` may be the ReLU output), and trailing terms
+        that vanish there may be left out.
+        """
         raise NotImplementedError
 
     def conv_weights(self, cb: ConvBN) -> list[Tensor]:
-        """The weights ``W_j`` of :meth:`conv_terms` (for the backward pass, per term)."""
+        """The (modified) weights ``W_j`` of the terms, BatchNorm merged."""
         raise NotImplementedError
 
     @property
@@ -134,9 +140,8 @@ class Epsilon(Rule):
     def conv_weights(self, cb: ConvBN) -> list[Tensor]:
         return [cb.folded_weight()]
 
-    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
-        w = cb.folded_weight()
-        return [(w, 1 / stabilize(z, self.epsilon))]
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        return [1 / stabilize(z, self.epsilon)]
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,10 @@ class ZPlus(Rule):
     def conv_weights(self, cb: ConvBN) -> list[Tensor]:
         return [cb.folded_weight().clamp(min=0)]
 
-    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
         (wp,) = self.conv_weights(cb)
         zp = _conv(cb, x, wp, folded_bias(cb).clamp(min=0))
-        return [(wp, 1 / stabilize(zp, self.stabilizer))]
+        return [1 / stabilize(zp, self.stabilizer)]
 
 
 @dataclass(frozen=True)
@@ -173,12 +178,12 @@ class AlphaBeta(Rule):
         w = cb.folded_weight()
         return [w.clamp(min=0), w.clamp(max=0)]
 
-    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
         wp, wn = self.conv_weights(cb)
         b = folded_bias(cb)
         zp = _conv(cb, x, wp, b.clamp(min=0))
         zn = _conv(cb, x, wn, b.clamp(max=0))
-        return [(wp, self.alpha / stabilize(zp, self.stabilizer)), (wn, -self.beta / stabilize(zn, self.stabilizer))]
+        return [self.alpha / stabilize(zp, self.stabilizer), -self.beta / stabilize(zn, self.stabilizer)]
 
 
 @dataclass(frozen=True)
@@ -194,13 +199,15 @@ class Gamma(Rule):
         w = cb.folded_weight()
         return [w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)]
 
-    def conv_terms(self, cb: ConvBN, x: Tensor, z: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
         wp, wn = self.conv_weights(cb)
         b = folded_bias(cb)
         zp = _conv(cb, x, wp, b + self.gamma * b.clamp(min=0))
+        pos = (z > 0).to(z.dtype) / stabilize(zp, self.stabilizer)
+        if before_relu:  # the z < 0 term is zero wherever the ReLU lets relevance through
+            return [pos]
         zn = _conv(cb, x, wn, b + self.gamma * b.clamp(max=0))
-        pos, neg = (z > 0).to(z.dtype), (z < 0).to(z.dtype)
-        return [(wp, pos / stabilize(zp, self.stabilizer)), (wn, neg / stabilize(zn, self.stabilizer))]
+        return [pos, (z < 0).to(z.dtype) / stabilize(zn, self.stabilizer)]
 
 
 #: rule name -> class; ``get_rule(name)`` builds it with zennit's default parameters
@@ -246,27 +253,36 @@ def block_factors(rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype
     Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor}``:
     ``main[-1]`` and ``skip`` multiply the relevance at the residual sum, ``main[i]`` (``i`` before
     the last) multiplies the gradient-like quantity at the input of main conv ``i + 1``, ``out``
-    the one at the block output. ``None`` means "multiply by 1".
+    the one at the block output. ``None`` means "multiply by 1". A list shorter than the rule's
+    weights leaves out the trailing terms.
+
+    Relevance only flows where a ReLU output is positive, and there the recorded output *is* the
+    pre-activation: so the inner convolutions' outputs are the recorded activations, and the main
+    branch before the residual sum is the block output minus the skip branch (elsewhere the
+    factors are multiplied by zero). Only the skip branch's convolution (a downsample) and the
+    rules' modified convolutions run again.
     """
     if not rule.is_lrp:
         acts = [(a > 0).to(dtype) for a in rec.acts]
         return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype)}
     xs = [rec.inp, *rec.acts]
-    main: list[list[Tensor | None]] = []
     last = len(block.main) - 1
-    x_main = _conv(block.main[last], xs[last], block.main[last].folded_weight(), folded_bias(block.main[last]))
     if block.downsample is None:
         x_skip = rec.inp
     else:
         ds = block.downsample
         x_skip = _conv(ds, rec.inp, ds.folded_weight(), folded_bias(ds))
-    inv = 1 / stabilize(x_main + x_skip, rule.sum_stabilizer)
+    x_main = rec.out - x_skip  # exact where the block output is positive, the only place it matters
+    inv = (rec.out > 0).to(dtype) / stabilize(rec.out, rule.sum_stabilizer)
+    main: list[list[Tensor | None]] = []
     for i, cb in enumerate(block.main):
-        z = x_main if i == last else _conv(cb, xs[i], cb.folded_weight(), folded_bias(cb))
-        mult = x_main * inv if i == last else xs[i + 1]
-        main.append([mult * d for _, d in rule.conv_terms(cb, xs[i], z)])
+        if i < last:
+            a = xs[i + 1]
+            main.append([a * d for d in rule.conv_factors(cb, xs[i], a, True)])
+        else:
+            main.append([x_main * inv * d for d in rule.conv_factors(cb, xs[i], x_main, False)])
     if block.downsample is None:
         skip: list[Tensor | None] = [inv]
     else:
-        skip = [x_skip * inv * d for _, d in rule.conv_terms(block.downsample, rec.inp, x_skip)]
+        skip = [x_skip * inv * d for d in rule.conv_factors(block.downsample, rec.inp, x_skip, False)]
     return {"main": main, "skip": skip, "out": rec.out}
