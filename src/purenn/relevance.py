@@ -69,13 +69,13 @@ class SegmentMasks:
     ``main[i][j]`` multiplies what enters term ``j`` of main convolution ``i`` (the gradient rule:
     the ReLU mask after convolution ``i``, none for the last), ``skip[j]`` what enters the skip
     path at the residual sum, ``out`` the gradient arriving at the block output (the gradient rule:
-    its ReLU mask; LRP rules: the block output, turning gradient-like values into relevance).
-    ``None`` stands for 1.
+    its ReLU mask; LRP rules: the block output, turning gradient-like values into relevance, folded
+    into ``main[-1]`` and ``skip`` except in the target block). ``None`` stands for 1.
     """
 
     main: list[list[Tensor | None]]
     skip: list[Tensor | None]
-    out: Tensor
+    out: Tensor | None
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
 
@@ -84,7 +84,7 @@ class SegmentMasks:
         return SegmentMasks(
             main=[[None if t is None else fn(t) for t in ts] for ts in self.main],
             skip=[None if t is None else fn(t) for t in self.skip],
-            out=fn(self.out),
+            out=None if self.out is None else fn(self.out),
             in_hw=self.in_hw,
             act_hw=self.act_hw,
         )
@@ -248,7 +248,7 @@ def segment_backward(
                 w_ds = rule.conv_weights(blk.downsample)
                 skip = _rule_back(blk.downsample, w_ds, m.skip, a_sel, m.in_hw, onehot=neurons)
         else:
-            gs = g * m.out
+            gs = g if m.out is None else g * m.out
             gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs, top_in_hw)
             if blk.downsample is None:
                 skip = gs if m.skip[0] is None else gs * m.skip[0]
@@ -290,8 +290,8 @@ def block_masks(
     axis yet), computed once from the recorded forward pass."""
     rule = get_rule(rule)
     out = []
-    for blk, r in zip(blocks, recs):
-        f = block_factors(rule, blk, r, r.inp.dtype if dtype is None else dtype)
+    for i, (blk, r) in enumerate(zip(blocks, recs)):
+        f = block_factors(rule, blk, r, r.inp.dtype if dtype is None else dtype, top=i == len(blocks) - 1)
         out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts]))
     return out
 
@@ -380,7 +380,7 @@ def pair_relevance(
                 main=[*([None if t is None else t[si][None] for t in ts] for ts in top.main[:-1]),
                       [None if t is None else t[si, ni][None] for t in top.main[-1]]],
                 skip=[None if t is None else t[si, ni][None] for t in top.skip],
-                out=top.out[si][None],
+                out=None,
                 in_hw=top.in_hw,
                 act_hw=top.act_hw,
             )

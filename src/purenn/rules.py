@@ -82,6 +82,11 @@ def _conv(cb: ConvBN, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
 
+def _positive_part(cb: ConvBN, x: Tensor) -> Tensor:
+    """``W+ x + b+``: the convolution with the positive parts of the merged weight and bias."""
+    return _conv(cb, x, cb.folded_weight().clamp(min=0), folded_bias(cb).clamp(min=0))
+
+
 @dataclass(frozen=True)
 class Rule:
     """A relevance rule: how relevance crosses a convolution and the residual sum.
@@ -155,9 +160,7 @@ class ZPlus(Rule):
         return [cb.folded_weight().clamp(min=0)]
 
     def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
-        (wp,) = self.conv_weights(cb)
-        zp = _conv(cb, x, wp, folded_bias(cb).clamp(min=0))
-        return [1 / stabilize(zp, self.stabilizer)]
+        return [1 / stabilize(_positive_part(cb, x), self.stabilizer)]
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,8 @@ class AlphaBeta(Rule):
         return [w.clamp(min=0), w.clamp(max=0)]
 
     def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
-        wp, wn = self.conv_weights(cb)
-        b = folded_bias(cb)
-        zp = _conv(cb, x, wp, b.clamp(min=0))
-        zn = _conv(cb, x, wn, b.clamp(max=0))
+        zp = _positive_part(cb, x)
+        zn = z - zp  # W- x + b- (x >= 0): one modified convolution instead of two
         return [self.alpha / stabilize(zp, self.stabilizer), -self.beta / stabilize(zn, self.stabilizer)]
 
 
@@ -200,13 +201,11 @@ class Gamma(Rule):
         return [w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)]
 
     def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
-        wp, wn = self.conv_weights(cb)
-        b = folded_bias(cb)
-        zp = _conv(cb, x, wp, b + self.gamma * b.clamp(min=0))
-        pos = (z > 0).to(z.dtype) / stabilize(zp, self.stabilizer)
+        zp = _positive_part(cb, x)  # W+ x + b+; (W + gamma W+) x + b + gamma b+ = z + gamma zp
+        pos = (z > 0).to(z.dtype) / stabilize(z + self.gamma * zp, self.stabilizer)
         if before_relu:  # the z < 0 term is zero wherever the ReLU lets relevance through
             return [pos]
-        zn = _conv(cb, x, wn, b + self.gamma * b.clamp(max=0))
+        zn = z + self.gamma * (z - zp)  # (W + gamma W-) x + b + gamma b-, as W- x + b- = z - zp
         return [pos, (z < 0).to(z.dtype) / stabilize(zn, self.stabilizer)]
 
 
@@ -247,14 +246,17 @@ def rule_from_config(config: str | Mapping[str, Any]) -> Rule:
     return get_rule(config)
 
 
-def block_factors(rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype) -> dict[str, Any]:
+def block_factors(
+    rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype, top: bool = True
+) -> dict[str, Any]:
     """Per-sample tensors ``(B, C, H, W)`` the backward pass of ``block`` multiplies in, for ``rule``.
 
     Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor}``:
     ``main[-1]`` and ``skip`` multiply the relevance at the residual sum, ``main[i]`` (``i`` before
     the last) multiplies the gradient-like quantity at the input of main conv ``i + 1``, ``out``
     the one at the block output. ``None`` means "multiply by 1". A list shorter than the rule's
-    weights leaves out the trailing terms.
+    weights leaves out the trailing terms. For a block that is not the target (``top=False``) an
+    LRP rule's ``out`` is folded into ``main[-1]`` and ``skip`` (and returned as ``None``).
 
     Relevance only flows where a ReLU output is positive, and there the recorded output *is* the
     pre-activation: so the inner convolutions' outputs are the recorded activations, and the main
@@ -285,4 +287,7 @@ def block_factors(rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype
         skip: list[Tensor | None] = [inv]
     else:
         skip = [x_skip * inv * d for d in rule.conv_factors(block.downsample, rec.inp, x_skip, False)]
-    return {"main": main, "skip": skip, "out": rec.out}
+    if top:
+        return {"main": main, "skip": skip, "out": rec.out}
+    main[-1] = [rec.out * f for f in main[-1]]
+    return {"main": main, "skip": [rec.out * f for f in skip], "out": None}
