@@ -236,3 +236,30 @@ def test_onnx_runtime_gates_equal_pytorch_under_an_lrp_rule(tmp_path, rule):
     if rule == "gamma":  # (epsilon is close to gradient x input where layer4 is 1x1, as here)
         assert (r_grad - r).abs().max() > 1e-3
         assert not torch.equal(_nearest(r_grad, pm.pure_layer("layer4")), gates["layer4"])
+
+
+def test_cli_purify_rule(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from purenn import cli
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            img = Image.fromarray((rng.random((32, 32, 3)) * 200).astype(np.uint8))
+            img.save(tmp_path / "images" / f"c{c}" / f"{i}.png")
+    torch.save(tiny_resnet("basic").state_dict(), tmp_path / "tiny.pt")
+    out = tmp_path / "pure.safetensors"
+    argv = ["purify", "resnet18", "-c", tmp_path / "tiny.pt", "--blocks", "1,2,1,2", "--data", tmp_path / "images",
+            "--image-size", "32", "--channels", "layer4:0,1", "--n-refs", "3", "--rule", "alpha2beta1", "-o", out, "-q"]
+    assert cli.main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    assert purenn.load_purified(out).pure_layer("layer4").rule == AlphaBeta()
+    assert cli.main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["rule"] == "alpha2beta1"
+    assert cli.main(["inspect", str(out)]) == 0
+    assert "alpha2beta1" in capsys.readouterr().out
+    assert cli.main([str(a) for a in argv[:-5]] + ["--rule", "lrp", "-o", str(out)]) == 2
+    assert "invalid choice: 'lrp'" in capsys.readouterr().err
