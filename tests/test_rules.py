@@ -263,3 +263,22 @@ def test_cli_purify_rule(tmp_path, capsys):
     assert "alpha2beta1" in capsys.readouterr().out
     assert cli.main([str(a) for a in argv[:-5]] + ["--rule", "lrp", "-o", str(out)]) == 2
     assert "invalid choice: 'lrp'" in capsys.readouterr().err
+
+
+def test_purify_concept_centroids_are_mass_weighted_zennit_circuits():
+    from purenn.concept import purify_concept
+
+    model = tiny_resnet(seed=3)
+    clean = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    stamped = clean.clone()
+    stamped[..., 1:6, 1:6] = 3.0
+    chans = [1, 4]
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1, rule="zplus")
+    pl = pm.pure_layer("layer4")
+    assert pl.rule == get_rule("zplus")
+    m64 = copy.deepcopy(model).double()
+    for group, cluster in ((clean, 0), (stamped, 1)):
+        r = zennit_circuits(m64, group.double(), "layer4", "layer3", chans, "zplus")
+        a = _output_of(m64, "layer4", group.double())[:, chans].clamp(min=0).sum(dim=(2, 3))
+        expect = (r * a[:, :, None]).sum(0) / a.sum(0)[:, None]
+        torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)

@@ -389,7 +389,7 @@ def purify_concept(
                 chosen = sorted({int(c) for c in want})
                 if not chosen or chosen[0] < 0 or chosen[-1] >= spec.channels(p.position):
                     raise ConfigError(f"channels of {p.layer!r} must be in 0..{spec.channels(p.position) - 1}.")
-            p = type(p)(p.layer, p.upstream, p.position, p.up_position, tuple(chosen), p.skip_aware)
+            p = replace(p, neurons=tuple(chosen))
             fc, mc = _features_of(base, c_src, p, gate, gate_weight, device, int(max_memory))
             fo, mo = _features_of(base, o_src, p, gate, gate_weight, device, int(max_memory))
             rest = _rest_centroids(fo, mo, rest_clusters, seed)  # (K, R, D)
