@@ -18,6 +18,7 @@ import torch
 
 import purenn
 from purenn import circuit_relevance
+from purenn._files import TEMP_TAG
 from purenn.errors import ConfigError, ExportError
 from purified_cases import CASES, SIZE, SUPPRESSED, images, purified
 
@@ -130,7 +131,7 @@ def test_report(exported):
     assert 0 < report.max_abs_logits < 1e-3 and all(c.finite for c in report.checks)
     assert all(v >= 0.98 for v in report.gate_agreement.values())
     assert name in report.summary() and "FAIL" not in report.summary()
-    assert not list(path.parent.glob(".*.tmp"))
+    assert not list(path.parent.glob(f".*{TEMP_TAG}*"))  # no temporary file left
     graph = onnx.load(str(path), load_external_data=False)
     assert graph.opset_import[0].version == purenn.export.DEFAULT_OPSET
 

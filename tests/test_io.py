@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pickle
 
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 
 import purenn
 import purenn.io as pio
+from purenn import _files
 from purenn.errors import FileFormatError
 from purified_cases import CASES, SUPPRESSED, images, purified
 
@@ -312,15 +312,10 @@ def test_skeleton_of_another_architecture(tmp_path):
 
 def test_failed_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     _, pm, _ = tiny
-    real_save = pio.save_file
-
-    def fail_midway(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:  # a partial file, as a full disk would leave it
-            f.truncate(os.path.getsize(filename) // 2)
+    def fail_midway(tmp, written):  # after a first chunk: a partial file, as a full disk would leave it
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pio, "save_file", fail_midway)
+    monkeypatch.setattr(_files, "_write_hook", fail_midway)
     target = tmp_path / "out.safetensors"
     with pytest.raises(OSError, match="No space left"):
         pm.save(target)
@@ -330,7 +325,7 @@ def test_failed_write_leaves_no_file(tiny, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         pm.save(target)
     assert target.read_bytes() == b"previous content" and list(tmp_path.iterdir()) == [target]
-    monkeypatch.setattr(pio, "save_file", real_save)
+    monkeypatch.setattr(_files, "_write_hook", None)
     pm.save(target)
     assert_identical(pm, purenn.load_purified(target), images(2, seed=3, size=(32, 32)))
     assert list(tmp_path.iterdir()) == [target]

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ._choices import MAX_DPI
+from ._validate import check_int, check_number
 from ._version import __version__
 from .errors import PurennError
 from .loaders import ARCHITECTURES, InputError, LoadedData, load_checkpoint_model, load_data, torchvision_model
@@ -51,6 +53,44 @@ _INSTALL = {"matplotlib": 'pip install "purenn[viz]"', "onnx": "pip install onnx
 
 
 # ============================================================================================ inputs
+#: numeric options, by argparse dest, checked for every command before it runs (exit code 3):
+#: flag, lowest and highest allowed value (None: unbounded), whether the lowest is excluded.
+#: Options of one dest that are not numbers (purify's --neurons N|LAYER:N) and --test-fraction (open
+#: at both ends) are checked where they are used.
+_RANGES: dict[str, tuple[str, float | None, float | None, bool]] = {
+    "image_size": ("--image-size", 1, 8192, False),
+    "limit": ("--limit", 1, None, False),
+    "mean": ("--mean", None, None, False),
+    "std": ("--std", 0, None, True),
+    "n_refs": ("--n-refs", 1, None, False),
+    "max_clusters": ("--max-clusters", 2, None, False),
+    "neurons": ("--neurons", 1, None, False),
+    "rest_clusters": ("--rest-clusters", 1, None, False),
+    "gate_weight": ("--gate-weight", 0, None, False),
+    "batch_size": ("--batch-size", 1, None, False),
+    "workers": ("--workers", 0, None, False),
+    "seed": ("--seed", 0, 2**32 - 1, False),
+    "top": ("--top", 1, None, False),
+    "neuron": ("--neuron", 0, None, False),
+    "n_images": ("--n-images", 1, 64, False),
+    "dpi": ("--dpi", 1, MAX_DPI, False),
+}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Refuse a numeric option outside its range (see ``_RANGES``) with an :class:`InputError`."""
+    for dest, (flag, low, high, low_open) in _RANGES.items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, int) and not low_open:
+                check_int(flag, v, None if low is None else int(low), None if high is None else int(high),
+                          error=InputError)
+            else:
+                check_number(flag, v, low, high, low_open=low_open, error=InputError)
+
+
 def _parse_blocks(text: str) -> tuple[int, ...]:
     try:
         blocks = tuple(int(v) for v in text.split(","))
@@ -131,7 +171,7 @@ def _table(rows: list[list[Any]], headers: list[str]) -> str:
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 speaks
         print(text, file=sys.stderr)
 
 
@@ -212,19 +252,25 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     in_ch = int(model.conv1.in_channels)
     data = _data_from_args(args, in_ch)
     _say(args, f"model: {origin}\ndata: {data.description}")
-    dataset: Any = data.dataset
-    if args.workers:
-        from torch.utils.data import DataLoader
+    from .distributed import init_from_env
 
-        dataset = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers)
-    pm = purify_model(
-        model, layers, dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
-        max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
-        batch_size=args.batch_size, device=args.device, rule=args.rule,
-        progress=not args.quiet, seed=args.seed,
-    )
-    pm.to("cpu")
-    pm.save(out)
+    device, started = init_from_env(args.device)  # under torchrun: one process group, one GPU per rank
+    try:
+        pm = purify_model(
+            model, layers, data.dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
+            max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
+            batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed,
+            workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir, rule=args.rule,
+        )
+        pm.to("cpu")
+        pm.save(out)  # rank 0 writes, the other ranks wait for it
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone reports
+        return EXIT_OK
     for name in pm.layers:
         pl = pm.pure_layer(name)
         split = int((pl.n_clusters > 1).sum())
@@ -450,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from ._choices import GATES, RULES, SCORES
+    from ._choices import GATES, PRECISIONS, RULES, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -497,6 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=0, metavar="N", help="data loading processes (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default cpu)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="arithmetic of the relevance stage: tf32 needs CUDA (default float32)")
+    g.add_argument("--checkpoint-dir", metavar="DIR", help="keep the run's state in DIR; running the same command "
+                   "again continues an interrupted run (other arguments or data are refused)")
     p.add_argument("-o", "--out", default="purified.safetensors", metavar="FILE",
                    help="output file (default purified.safetensors)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes")
@@ -567,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_unlearn import add_parser as add_unlearn_parser
 
     add_unlearn_parser(sub, _EPILOG, fmt)
+    from .cli_report import add_parser as add_report_parser
+
+    add_report_parser(sub, _EPILOG, fmt)
     return parser
 
 
@@ -590,6 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     prefix = f"purenn {args.command}: error:"
     try:
+        _check_ranges(args)
         return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -121,6 +121,7 @@ class CircuitKMeans:
         self.n_init = n_init
         self.random_state = random_state
         self.progress = progress
+        self._first_index = 0  # index of circuits[0] among all neurons (seeds the null); see purenn.distributed
 
     def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float, float]:
         """k-means with ``c`` clusters on ``(n, D)``: centres, labels, score, silhouette (0 if undefined)."""
@@ -150,7 +151,7 @@ class CircuitKMeans:
             if c != "auto":
                 fits.append(tries[0][:3])
                 continue
-            null = self._null_sample(xi, i)
+            null = self._null_sample(xi, self._first_index + i)
             gaps = [t[3] - self._split(null, cc)[2] for t, cc in zip(tries, candidates)]
             best = int(np.argmax(gaps))  # first of equal gaps: fewest clusters
             centres, labels, score = tries[best][:3]

@@ -16,14 +16,16 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .arch import ResNetSpec
 from .data import DataSource
+from .distributed import all_gather_top, merge_top, shard_range, world_info
 from .errors import DataError
+from .progress import stage_bar
 
 __all__ = ["ActivationCache", "References", "TopK", "collect_references"]
 
@@ -41,7 +43,11 @@ class References:
 
 
 class TopK:
-    """Running top-``n`` over a stream of ``(B, C)`` score batches (larger is better)."""
+    """Running top-``n`` over a stream of ``(B, C)`` score batches (larger is better).
+
+    Equal scores are ranked by data index, smaller first (:func:`~purenn.distributed.merge_top`), so
+    the result depends neither on batch boundaries nor on how the data is split across ranks.
+    """
 
     def __init__(self, n: int):
         self.n = n
@@ -53,9 +59,7 @@ class TopK:
         if self.values is not None:
             scores = torch.cat([self.values, scores])
             idx = torch.cat([self.indices, idx])
-        k = min(self.n, scores.shape[0])
-        self.values, pos = torch.topk(scores, k, dim=0, sorted=True)
-        self.indices = torch.gather(idx, 0, pos)
+        self.values, self.indices = merge_top(scores, idx, self.n)
 
     def result(self) -> References:
         return References(indices=self.indices.t().contiguous().cpu(), values=self.values.t().contiguous().cpu())
@@ -124,20 +128,35 @@ def collect_references(
     progress: bool = False,
     cache: ActivationCache | None = None,
     channels: dict[str, list[int]] | None = None,
+    checkpoint: Any = None,
 ) -> dict[str, References]:
     """Stream the data once and return each layer's per-channel top-``n_refs`` samples.
 
     The forward pass stops at the deepest requested layer. With ``cache``, the activations of
     the current reference candidates of ``channels`` (default: all channels) are kept for fitting.
+    Under torch.distributed each rank streams its own block of batches
+    (:func:`~purenn.distributed.shard_range`) and the tables are merged exactly, so every rank
+    returns the single-process result. ``checkpoint`` (a :class:`purenn.resume.Checkpoint`) saves
+    the running tables as the pass goes and continues a pass that was interrupted.
 
     Raises:
         DataError: a batch has the wrong shape or contains NaN/inf.
     """
     tops = {name: TopK(n_refs) for name in positions}
     wanted = set(positions.values()) | (cache.positions if cache is not None else set())
-    bar = tqdm(total=len(source), desc="collect references", unit="img", disable=not progress, leave=False)
+    rank, world = world_info()
+    lo, hi = shard_range(len(source), source.batch_size, rank=rank, world=world)
+    begin = lo
+    if checkpoint is not None:
+        state = checkpoint.load_collect()
+        if state is not None:
+            begin = state["next"]
+            for name, top in tops.items():
+                top.values, top.indices = state["values"][name].to(device), state["indices"][name].to(device)
+    bar = stage_bar("collect references", hi - lo, "img", progress and rank == 0, world=world)
+    bar.update(begin - lo)
     with torch.no_grad():
-        for start, x in source.batches():
+        for start, x in source.batches(begin, hi):
             if x.ndim != 4 or not x.is_floating_point():
                 raise DataError(
                     f"samples {start}..{start + len(x) - 1} collate to {tuple(x.shape)} {x.dtype}; "
@@ -145,7 +164,7 @@ def collect_references(
                 )
             if not bool(torch.isfinite(x).all()):
                 raise DataError(f"samples {start}..{start + len(x) - 1} contain NaN or infinite values.")
-            x = x.to(device) if device is not None else x
+            x = x.to(device, non_blocking=True) if device is not None else x
             acts, _ = spec.run_until(x, wanted)
             for name, pos in positions.items():
                 tops[name].update(acts[pos].amax(dim=(-2, -1)), start)
@@ -157,5 +176,15 @@ def collect_references(
                 members = torch.unique(torch.cat(parts))
                 cache.update(acts, start, members.cpu())
             bar.update(len(x))
+            if checkpoint is not None:
+                checkpoint.save_collect(start + len(x), tops, done=start + len(x) >= hi)
     bar.close()
-    return {name: top.result() for name, top in tops.items()}
+    out = {}
+    for name, top in tops.items():
+        if top.values is None:  # an empty shard
+            c, dtype = spec.channels(positions[name]), next(spec.model.parameters()).dtype
+            top.values = torch.empty(0, c, dtype=dtype, device=device)
+            top.indices = torch.empty(0, c, dtype=torch.long, device=device)
+        top.values, top.indices = all_gather_top(top.values, top.indices, n_refs)
+        out[name] = top.result()
+    return out

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ._validate import check_int
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -305,10 +306,8 @@ def planted_concepts(
         >>> ds.images.shape, ds.coarse.tolist()
         (torch.Size([8, 1, 16, 16]), [0, 0, 1, 1, 0, 0, 1, 1])
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"n must be a positive integer, got {n!r}.")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ConfigError(f"size must be an integer >= 8, got {size!r}.")
+    n = check_int("n", n, 1)
+    size = check_int("size", size, 8)
     chosen = list(range(10)) if classes is None else [int(c) for c in classes]
     if not chosen or len(set(chosen)) != len(chosen) or not all(0 <= c < 10 for c in chosen):
         raise ConfigError(f"classes must be distinct concept ids in 0..9, got {classes!r}.")
@@ -414,8 +413,7 @@ def train_classifier(
     """
     if target not in ("coarse", "fine"):
         raise ConfigError(f"target must be 'coarse' or 'fine', got {target!r}.")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}.")
+    epochs = check_int("epochs", epochs, 1)
     y_all = dataset.coarse if target == "coarse" else dataset.fine
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -472,7 +470,10 @@ def cached_classifier(
     Returns:
         ``(model in eval mode, weights path, whether it came from the cache)``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_save
+
+    from ._files import write_chunks
 
     key = json.dumps({"name": name, "config": config or {}, "train": train_kwargs, "data": _fingerprint(dataset)},
                      sort_keys=True, default=str)
@@ -487,7 +488,6 @@ def cached_classifier(
         return model.eval(), file, True
     model = train_classifier(model, dataset, progress=progress, **train_kwargs)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"key": key})
-    tmp.replace(file)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    write_chunks(file, [safetensors_save(state, metadata={"key": key})])
     return model, file, False

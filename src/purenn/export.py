@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,8 +52,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._files import as_path, begin_write
+from ._validate import as_int, check_memory, check_number
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
 from .surgery import POOLS, PurifiedModel
@@ -298,11 +300,13 @@ class ExportReport:
 def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any) -> tuple[int, int, int]:
     if not isinstance(pm, PurifiedModel):
         raise ConfigError(f"export_onnx needs a PurifiedModel, got {type(pm).__name__}.")
+    pm._check_base()  # a base model converted behind pm's back, or a model on the meta device
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else ()
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+    if len(shape) != 3 or not all((as_int(s) or 0) > 0 for s in shape):
         raise ConfigError(
             f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}."
         )
+    shape = tuple(as_int(s) for s in shape)
     in_ch = pm.base_model.conv1.in_channels
     if shape[0] != in_ch:
         raise ConfigError(f"input_shape has {shape[0]} channels but the model's conv1 takes {in_ch}.")
@@ -313,7 +317,7 @@ def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any)
             f"exporter must be one of {EXPORTERS}, got {exporter!r}. The torch.export-based exporter "
             "(dynamo=True) cannot trace the purified forward, whose gating plan is read from its buffers."
         )
-    if isinstance(opset, bool) or not isinstance(opset, int) or not _MIN_OPSET <= opset <= _MAX_OPSET:
+    if not _MIN_OPSET <= (as_int(opset) or -1) <= _MAX_OPSET:
         raise ConfigError(f"opset must be an int in {_MIN_OPSET}..{_MAX_OPSET}, got {opset!r}.")
     dtype = next(pm.parameters()).dtype
     if dtype != torch.float32:
@@ -467,8 +471,9 @@ def _verification_inputs(
     inputs: Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | None,
     shape: tuple[int, int, int], batch_sizes: Sequence[int], seed: int, device: torch.device,
 ) -> list[tuple[str, Tensor]]:
-    if isinstance(batch_sizes, int) or not all(isinstance(b, int) and b > 0 for b in batch_sizes):
+    if isinstance(batch_sizes, (int, str)) or not all((as_int(b) or 0) > 0 for b in batch_sizes):
         raise ConfigError(f"batch_sizes must be a sequence of positive ints, got {batch_sizes!r}.")
+    batch_sizes = [as_int(b) for b in batch_sizes]
     g = torch.Generator().manual_seed(seed)
     cases = [(f"random b={b}", torch.rand(b, *shape, generator=g)) for b in batch_sizes]
     if batch_sizes:
@@ -490,14 +495,8 @@ def _verification_inputs(
     return [(name, t.to(device)) for name, t in cases]
 
 
-def _remove(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 # ---------------------------------------------------------------------------------------- export
+@writes_on_rank_zero
 def export_onnx(
     pm: PurifiedModel,
     path: str | os.PathLike,
@@ -568,14 +567,12 @@ def export_onnx(
         ('logits',)
     """
     shape = _check_args(pm, input_shape, pool, exporter, opset)
+    opset = as_int(opset)
     kinds = check_outputs(outputs)
-    for name, v in (("rtol", rtol), ("atol", atol), ("tie_rtol", tie_rtol)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise ConfigError(f"{name} must be a non-negative number, got {v!r}.")
-    budget = pm.max_memory if max_memory is None else max_memory
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
-    path = Path(path)
+    rtol, atol, tie_rtol = (check_number(name, v, 0) for name, v in (("rtol", rtol), ("atol", atol),
+                                                                     ("tie_rtol", tie_rtol)))
+    budget = check_memory("max_memory", pm.max_memory if max_memory is None else max_memory)
+    path = as_path(path)
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a directory; give a file name such as 'model.onnx'.")
     device = next(pm.parameters()).device
@@ -590,7 +587,8 @@ def export_onnx(
     wrapper = _Exported(pm, pool, kinds).eval()
     trace_batch = 2
     example = torch.rand(trace_batch, *shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pending = begin_write(path, "file name such as 'model.onnx'")
+    tmp = pending.tmp
     saved_budget = pm.max_memory
     try:
         # relevance chunks are sized from the traced batch; scale the budget so that each chunk
@@ -633,9 +631,9 @@ def export_onnx(
                               float(rtol), float(tie_rtol), tuple(checks))
         if strict and report.ok is False:
             raise ExportError(f"ONNX Runtime does not reproduce the PyTorch model:\n{report.summary()}")
-        os.replace(tmp, path)
+        pending.commit()
     except BaseException:
-        _remove(tmp)
+        pending.discard()
         raise
     finally:
         pm.max_memory = saved_budget

@@ -9,15 +9,17 @@ only the blocks between the upstream and the target layer are run again.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .arch import Block, ResNetSpec
 from .collect import ActivationCache, References
 from .data import DataSource
+from .distributed import all_gather_object, all_reduce_sum, shard_range, world_info
+from .precision import relevance_precision
+from .progress import stage_bar
 from .relevance import normalize_relevance, pair_relevance
 from .rules import Rule
 
@@ -44,6 +46,18 @@ def _sorted_pairs(ref_idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return sid[order], nid[order], order
 
 
+def _chunks(
+    all_ids: Tensor, batch_size: int, owned: tuple[int, int] | None, rank: int, world: int
+) -> list[tuple[int, Tensor]]:
+    """This rank's chunks of sample ids as ``(key, ids)``: with ``owned = (lo, hi)`` the ids in its
+    own data shard (whose activations it cached), else every ``world``-th chunk of all ids."""
+    if owned is not None:
+        mine = all_ids[(all_ids >= owned[0]) & (all_ids < owned[1])]
+        return [(j, mine[s : s + batch_size]) for j, s in enumerate(range(0, len(mine), batch_size))]
+    starts = range(0, len(all_ids), batch_size)
+    return [(j, all_ids[s : s + batch_size]) for j, s in enumerate(starts) if j % world == rank]
+
+
 def fit_circuits(
     spec: ResNetSpec,
     source: DataSource,
@@ -56,40 +70,66 @@ def fit_circuits(
     max_memory: int,
     progress: bool,
     cache: ActivationCache | None = None,
+    precision: str = "float32",
+    checkpoint: Any = None,
 ) -> dict[str, Tensor]:
     """Circuit features ``(K, n_refs, C_U)`` of each layer's neurons on their reference samples.
 
     The features are exactly what the gate computes for those samples (same functions,
     :func:`~purenn.relevance.segment_backward` and :func:`~purenn.relevance.normalize_relevance`).
+    Under torch.distributed the chunks of samples are split across ranks and every rank returns
+    the whole table. ``precision`` (:func:`~purenn.precision.relevance_precision`) applies to the
+    segment backward; ``checkpoint`` (:class:`purenn.resume.Checkpoint`) stores every finished chunk
+    and reuses the chunks an interrupted run finished.
     """
     ref_idx = {p.layer: refs[p.layer].indices[list(p.neurons)][:, :n_refs] for p in plans}
     all_ids = torch.unique(torch.cat([r.flatten() for r in ref_idx.values()]))
+    rank, world = world_info()
+    owned = shard_range(len(source), source.batch_size, rank=rank, world=world)
+    mine = all_ids[(all_ids >= owned[0]) & (all_ids < owned[1])]
     use_cache = (
-        cache is not None
+        checkpoint is None
+        and cache is not None
         and cache.complete
         and {p.up_position for p in plans} <= cache.positions
-        and all(int(i) in cache for i in all_ids)
+        and all(int(i) in cache for i in mine)
     )
+    use_cache = all(all_gather_object(use_cache))  # every rank must take the same branch
+    chunks = _chunks(all_ids, batch_size, owned if use_cache else None, rank, world)
     positions = {p.position for p in plans} | {p.up_position for p in plans}
     record = {j for p in plans for j in range(p.up_position + 1, p.position + 1)}
     pairs = {p.layer: _sorted_pairs(ref_idx[p.layer]) for p in plans}
     neuron_t = {p.layer: torch.tensor(p.neurons, dtype=torch.long) for p in plans}
-    # each chunk's relevance goes straight to its rows: no per-chunk list and no concatenated copy
-    out: dict[str, Tensor] = {}
-    bar = tqdm(total=len(all_ids), desc="circuit relevance", unit="img", disable=not progress, leave=False)
+    dtype = next(spec.model.parameters()).dtype
+    store = device if device is not None and torch.device(device).type == "cuda" else torch.device("cpu")
+    # each chunk's relevance goes straight to its rows; rows another rank computes stay zero until the sum
+    out = {
+        p.layer: torch.zeros(len(p.neurons) * n_refs, spec.channels(p.up_position), dtype=dtype, device=store)
+        for p in plans
+    }
+
+    def span(p: _Plan, ids: Tensor) -> tuple[int, int]:
+        sid = pairs[p.layer][0]
+        return int(torch.searchsorted(sid, int(ids[0]))), int(torch.searchsorted(sid, int(ids[-1]), right=True))
+
+    n_pairs = sum(b - a for _, ids in chunks for p in plans for a, b in [span(p, ids)])
+    bar = stage_bar("circuit relevance", n_pairs, "pair", progress and rank == 0, world=world)
     with torch.no_grad():
-        for s in range(0, len(all_ids), batch_size):
-            ids = all_ids[s : s + batch_size]
-            if not use_cache:
+        for key, ids in chunks:
+            done = checkpoint.load_chunk(key) if checkpoint is not None else None
+            if done is None and not use_cache:
                 x = source.fetch(ids)
-                x = x.to(device) if device is not None else x
+                x = x.to(device, non_blocking=True) if device is not None else x
                 acts, recs = spec.run_until(x, positions, record)
-            lo, hi = int(ids[0]), int(ids[-1])
+            rows: dict[str, Tensor] = {}
             for p in plans:
                 sid, nid, order = pairs[p.layer]
-                a = int(torch.searchsorted(sid, lo))
-                b = int(torch.searchsorted(sid, hi, right=True))
+                a, b = span(p, ids)
                 if a == b:
+                    continue
+                if done is not None:
+                    out[p.layer][order[a:b].to(store)] = done[p.layer].to(store, dtype)
+                    bar.update(b - a)
                     continue
                 if use_cache:
                     a_up = cache.get(p.up_position, ids.tolist())
@@ -98,20 +138,24 @@ def fit_circuits(
                 dev = acts[p.position].device
                 local = torch.searchsorted(ids, sid[a:b]).to(dev)
                 neurons = neuron_t[p.layer][nid[a:b]].to(dev)
-                r = pair_relevance(
-                    p.blocks(spec),
-                    [recs[j] for j in range(p.up_position + 1, p.position + 1)],
-                    acts[p.up_position],
-                    acts[p.position],
-                    local,
-                    neurons,
-                    max_memory,
-                    p.rule,
-                )
-                r = normalize_relevance(r, neurons, drop_self=p.skip_aware).cpu()
-                if p.layer not in out:
-                    out[p.layer] = r.new_empty(len(p.neurons) * n_refs, r.shape[-1])
-                out[p.layer][order[a:b]] = r
-            bar.update(len(ids))
+                with relevance_precision(precision, dev):  # the per-pair backward; forwards stay exact
+                    r = pair_relevance(
+                        p.blocks(spec),
+                        [recs[j] for j in range(p.up_position + 1, p.position + 1)],
+                        acts[p.up_position],
+                        acts[p.position],
+                        local,
+                        neurons,
+                        max_memory,
+                        p.rule,
+                    )
+                r = normalize_relevance(r.to(dtype), neurons, drop_self=p.skip_aware)
+                out[p.layer][order[a:b].to(store)] = r.to(store)
+                rows[p.layer] = r
+                bar.update(b - a)
+            if checkpoint is not None and done is None:
+                checkpoint.save_chunk(key, rows)
     bar.close()
-    return {p.layer: out[p.layer].reshape(len(p.neurons), n_refs, -1) for p in plans}
+    for t in out.values():
+        all_reduce_sum(t)
+    return {p.layer: out[p.layer].cpu().reshape(len(p.neurons), n_refs, -1) for p in plans}

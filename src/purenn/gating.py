@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._choices import GATES
+from ._validate import check_number
 from .arch import ResNetSpec
 from .collect import References
 from .data import DataSource
@@ -77,9 +78,7 @@ def combine_features(circuit: Tensor, extra: Tensor, weight: float, eps: float =
 
 def check_gate_weight(weight: object) -> float:
     """Validate the weight of the second signal of a combined gate."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise ConfigError(f"gate_weight must be a number >= 0, got {weight!r}.")
-    return float(weight)
+    return check_number("gate_weight", weight, 0)
 
 
 def gate_dim(gate: str, up_channels: int, channels: int) -> int | None:

@@ -40,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,13 +47,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ._files import as_path, resolve_target, write_chunks
 from ._version import __version__
 from .arch import ResNetSpec
+from .distributed import writes_on_rank_zero
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
 from .gating import CIRCUIT_GATES
 from .purify import _check_device
@@ -286,25 +287,23 @@ def content_hashes(tensors: Mapping[str, Tensor], config_text: str) -> dict[str,
 
 
 def _write_atomic(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Serialise in memory, then write with :func:`purenn._files.write_chunks` (temporary file next to
+    the target, renamed into place; stale temporary files of killed runs removed; normal file mode;
+    a symlink is written through)."""
+    write_chunks(path, [safetensors_save(tensors, metadata=metadata)], "file name such as 'model.safetensors'")
 
 
+@writes_on_rank_zero
 def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     """Write ``pm`` to one safetensors file (see the module docstring for the layout).
 
     The write is atomic: the file appears at ``path`` complete or not at all (an existing file
-    stays as it was if writing fails).
+    stays as it was if writing fails). The temporary file ``.NAME.purenn-tmp-<pid>-<random>`` lies
+    next to ``path``; one left by a killed save is removed by the next save to ``path``. The file gets
+    a normal file's mode (an existing file's mode, else ``0o666`` less the umask); a symbolic link
+    is written through (the file it points to is replaced). A missing directory raises
+    :class:`~purenn.errors.ConfigError` naming it.
+    Under torch.distributed only rank 0 writes; the other ranks wait for it and write nothing.
 
     Returns:
         The path written.
@@ -315,9 +314,9 @@ def save_purified(pm: PurifiedModel, path: str | os.PathLike) -> Path:
     """
     if not isinstance(pm, PurifiedModel):
         raise ConfigError(f"save_purified needs a PurifiedModel, got {type(pm).__name__}.")
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{str(path)!r} is a directory; give a file name such as 'model.safetensors'.")
+    path = as_path(path)
+    resolve_target(path, "file name such as 'model.safetensors'")  # before any work: a missing directory, ...
+    pm._check_base()  # a model converted behind pm's back, or one on the meta device, holds nothing to save
     config = {
         "format_version": FORMAT_VERSION,
         "purenn_version": __version__,
@@ -392,7 +391,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         >>> purenn.io.read_config("pure.safetensors")["architecture"]["builder"]   # doctest: +SKIP
         'resnet50'
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {str(path)!r}.")
     try:
@@ -699,7 +698,7 @@ def load_purified(
         >>> pm2 = purenn.load_purified("pure.safetensors", model=skeleton)  # doctest: +SKIP
         >>> pm3 = purenn.load_purified("edited.safetensors", verify=False)  # doctest: +SKIP
     """
-    path = Path(path)
+    path = as_path(path)
     if not isinstance(verify, bool):
         raise ConfigError(f"verify must be True or False, got {verify!r}.")
     target = None if device is None else _check_device(device)

@@ -82,7 +82,8 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
                     f"{str(path)!r} pickles more than tensors, so it cannot be loaded safely (weights_only=True). "
                     "Save the weights only: torch.save(model.state_dict(), 'model.pt'), or use a .safetensors file."
                 ) from None
-            raise InputError(f"{str(path)!r} is not a PyTorch checkpoint ({type(e).__name__}: {e}).") from None
+            first = (str(e).strip().splitlines() or [""])[0]  # torch's messages run over many lines
+            raise InputError(f"{str(path)!r} is not a PyTorch checkpoint ({type(e).__name__}: {first}).") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
             if isinstance(state.get(key), dict):

@@ -28,6 +28,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from sklearn.metrics.cluster import contingency_matrix
 
+from ._validate import check_int
 from .arch import ResNetSpec
 from .collect import References, collect_references
 from .data import DataSource
@@ -104,8 +105,7 @@ def held_out_references(
     base = getattr(model, "base_model", model)
     spec = ResNetSpec(base)
     source = DataSource.from_data(data, batch_size)
-    if isinstance(n_refs, bool) or not isinstance(n_refs, int) or not 1 <= n_refs <= len(source):
-        raise ConfigError(f"n_refs must be an integer in 1..{len(source)} (the data size), got {n_refs!r}.")
+    n_refs = check_int("n_refs", n_refs, 1, len(source))
     device = next(base.parameters()).device
     return collect_references(spec, source, {layer: spec.position(layer)}, n_refs, device=device)[layer]
 

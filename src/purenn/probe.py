@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._validate import check_int
 from .errors import ConfigError, DataError
 
 __all__ = ["POOLED", "ProbeResult", "ProbeComparison", "extract_features", "fit_probe", "compare_probes"]
@@ -153,8 +154,7 @@ def extract_features(
         raise ConfigError(f"kind must be 'pure' or 'original', got {kind!r}.")
     if pool not in POOLED:
         raise ConfigError(f"pool must be one of {POOLED}, got {pool!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = check_int("batch_size", batch_size, 1)
     if isinstance(source, (str, os.PathLike)) or _is_session(source):
         return _onnx_features(_session(source), data, layer, kind, batch_size, virtual_channels)
     return _torch_features(source, data, layer, kind, pool, batch_size)

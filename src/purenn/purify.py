@@ -7,6 +7,7 @@ not its weights, not its mode (it runs in inference form whatever its mode), not
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,15 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
+from ._validate import as_int, check_int, check_memory
 from .arch import Block, ResNetSpec
 from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
 from .data import DataSource
+from .distributed import all_gather_object, fit_by_neuron, is_distributed, world_info
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
-from .relevance import DEFAULT_MAX_MEMORY, has_identity_path, resolve_neurons
+from .precision import check_precision
+from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
+from .resume import Checkpoint, run_fingerprint
 from .rules import Gradient, Rule, get_rule
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
@@ -48,9 +54,8 @@ class LayerPlan:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return int(value)
+    """``value`` as an ``int >= low`` (NumPy and 0-d tensor integers too), else a :class:`ConfigError`."""
+    return check_int(name, value, low)
 
 
 def _plan_layers(
@@ -103,14 +108,14 @@ def _split_neuron_request(
     """Separate ``neurons`` into explicit channel lists (for :func:`_plan_layers`) and top-N counts."""
 
     def is_count(v: Any) -> bool:
-        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return as_int(v) is not None
 
     names = [layers] if isinstance(layers, str) else list(layers) if isinstance(layers, Sequence) else []
     if is_count(neurons):
-        lists, top = None, {name: int(neurons) for name in names}
+        lists, top = None, {name: as_int(neurons) for name in names}
     elif isinstance(neurons, Mapping):
         lists = {k: v for k, v in neurons.items() if not is_count(v)}
-        top = {k: int(v) for k, v in neurons.items() if is_count(v)}
+        top = {k: as_int(v) for k, v in neurons.items() if is_count(v)}
     else:
         return neurons, {}
     for name, n in top.items():
@@ -189,6 +194,35 @@ def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
         )
 
 
+def _run_fingerprint(**kwargs: Any) -> str:
+    """The arguments that decide a run's result, as canonical text (for cross-rank and resume checks)."""
+    import json
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+
+    return json.dumps(plain(kwargs), sort_keys=True, default=str)
+
+
+def _check_same_run(model: nn.Module, n: int, args: str) -> None:
+    """Refuse, on every rank alike, ranks that were given different arguments, data sizes or models."""
+    weights = sum(float(t.double().sum()) for t in model.state_dict().values() if t.is_floating_point())
+    mine = (args, n, weights)
+    every = all_gather_object(mine)
+    if any(other != mine for other in every):
+        diff = [r for r, other in enumerate(every) if other != every[0]]
+        raise ConfigError(
+            f"under torch.distributed every rank must call purify_model with the same arguments, model and data; "
+            f"rank(s) {diff} differ from rank 0 (arguments, data length or weights)."
+        )
+
+
 def purify_model(
     model: nn.Module,
     layers: Sequence[str] = ("layer4",),
@@ -209,6 +243,9 @@ def purify_model(
     seed: int = 0,
     max_memory: int = DEFAULT_MAX_MEMORY,
     cache_memory: int = DEFAULT_CACHE_MEMORY,
+    precision: str = "float32",
+    workers: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     rule: str | Rule = "gradient",
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
@@ -221,7 +258,9 @@ def purify_model(
     Args:
         model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
             inference form (BatchNorm with its running statistics) whatever its mode, leaves its
-            mode, weights and device as they are, and the purified model shares its modules.
+            mode, weights and device as they are, and the purified model shares its modules. A
+            float16 or bfloat16 model is purified in float32 on a private copy, which the purified
+            model then holds (``pm.half()`` converts it back if wanted).
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
         data: a map-style Dataset (items ``x`` or ``(x, y, ...)``), an unshuffled DataLoader over
             one, or a Tensor ``(N, C, H, W)``.
@@ -259,11 +298,26 @@ def purify_model(
         cache_memory: bytes the streaming pass may spend keeping the upstream activations of the
             reference candidates, so fitting need not run the network again (0 disables it; when
             the candidates need more, fitting recomputes their forward pass instead).
+        precision: arithmetic of the per-pair relevance backward: ``"float32"`` (default: the
+            model's dtype), ``"tf32"`` (CUDA only) or ``"bf16"`` (autocast); forwards stay in the
+            model's dtype. See :mod:`purenn.precision`.
+        workers: data loading processes (a ``DataLoader``'s ``num_workers``; default: the given
+            DataLoader's, else 0). On a CUDA device batches are loaded into pinned memory.
+        checkpoint_dir: a folder where the run keeps its state (the reference pass's running
+            top-n tables, every finished relevance chunk), written atomically as it goes; running
+            again with the same arguments, model and data continues where an interrupted run
+            stopped and gives the same result. Other arguments or data are refused with a
+            :class:`ConfigError`. See :mod:`purenn.resume`.
         rule: relevance rule of the circuits: ``"gradient"`` (PURE's gradient x activation, the
             default) or one of zennit's LRP rules ``"epsilon"``, ``"zplus"``, ``"alpha2beta1"``,
             ``"gamma"`` (zennit's default parameters), or a :class:`purenn.rules.Rule` such as
             ``purenn.rules.Epsilon(epsilon=0.01)``. Stored in the purified layers and the file, and
             used by the gates and the exported graph.
+
+    Under torch.distributed (a default process group is initialised, e.g. by ``torchrun``) the
+    work is split across ranks and every rank returns the same model, equal to the single-process
+    result (see :mod:`purenn.distributed`); ``data`` must then be map-style (indexable), which it
+    must be anyway, and each rank should compute on its own device (``torch.cuda.set_device``).
 
     Returns:
         The :class:`PurifiedModel`.
@@ -292,38 +346,63 @@ def purify_model(
     gate_weight = check_gate_weight(gate_weight)
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
-    seed = _check_int("seed", seed, 0)
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # scikit-learn's random_state range
     cache_memory = _check_int("cache_memory", cache_memory, 0)
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory!r}.")
+    max_memory = check_memory("max_memory", max_memory)
     neurons, top = _split_neuron_request(spec, layers, neurons)
     rule = get_rule(rule)
     plans = [replace(p, rule=rule) for p in _plan_layers(spec, layers, neurons, upstream, skip_aware)]
     if data is None:
         raise DataError("purify_model needs data to find each neuron's reference samples.")
+    if is_distributed() and isinstance(getattr(data, "dataset", data), IterableDataset):
+        raise DataError(
+            "under torch.distributed purenn gives each rank a disjoint shard of the data by sample index, so it "
+            "needs a map-style dataset (with __len__ and __getitem__), not an IterableDataset."
+        )
     source = DataSource.from_data(data, batch_size)
+    if workers is not None:
+        source.num_workers = _check_int("workers", workers, 0)
     if len(source) < n_refs:
         raise DataError(f"the data has {len(source)} samples, fewer than n_refs={n_refs}; lower n_refs or add data.")
     device, there = _resolve_device(model, _model_device(model) if device is None else _check_device(device))
-    owned = not there
-    if owned:  # work on a copy there; the caller's model stays where it is
-        model = _copy_module(model, lambda t: t.to(device))
+    precision = check_precision(precision, device)
+    source.pin_memory = device.type == "cuda"  # page-locked batches: host-to-device copies overlap compute
+    rank, world = world_info()
+    args_text = _run_fingerprint(
+        layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, top=top, upstream=upstream,
+        skip_aware=skip_aware, max_clusters=max_clusters, gate=gate, gate_weight=gate_weight, score=score,
+        batch_size=batch_size, seed=seed, precision=precision, max_memory=max_memory, device=device.type,
+        dtype=str(next(model.parameters()).dtype), rule=rule.config(),
+    )
+    if world > 1:
+        _check_same_run(model, len(source), args_text)
+    dtype = compute_dtype(model)
+    owned = not there or dtype != next(model.parameters()).dtype
+    if owned:  # work on a copy there (in float32 for a half-precision model); the caller's model stays as it is
+        model = _copy_module(model, lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))
         spec = ResNetSpec(model)
+    source.dtype = dtype
 
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
         raise DataError("the first samples contain NaN or infinite values.")
+    check_input(probe, "the data", channels=model.conv1.in_channels)
     _check_forward(spec, model, probe)
 
+    checkpoint = None
+    if checkpoint_dir is not None:  # no activation cache: a resumed run computes what an uninterrupted one does
+        checkpoint = Checkpoint(checkpoint_dir, run_fingerprint(args_text, model, source, world), rank=rank)
+        cache_memory = 0
     cache = ActivationCache({p.up_position for p in plans}, cache_memory)
     refs = collect_references(
         spec, source, {p.layer: p.position for p in plans}, n_refs, device=device, progress=progress,
-        cache=cache, channels={p.layer: list(p.neurons) for p in plans},
+        cache=cache, channels={p.layer: list(p.neurons) for p in plans}, checkpoint=checkpoint,
     )
+    progress = progress and rank == 0
     if gate in CIRCUIT_GATES:
         features = fit_circuits(
             spec, source, plans, refs, n_refs, batch_size=batch_size, device=device, max_memory=int(max_memory),
-            progress=progress, cache=cache,
+            progress=progress, cache=cache, precision=precision, checkpoint=checkpoint,
         )
         if gate == "circuit+map":
             for p in plans:
@@ -340,11 +419,10 @@ def purify_model(
             )
             for p in plans
         }
-    dtype = next(model.parameters()).dtype
     pure_layers = []
     for p in plans:
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
-        km.fit(features[p.layer].numpy())
+        km = fit_by_neuron(km, features[p.layer].numpy())
         keep = np.arange(len(p.neurons))
         if p.layer in top:  # the N highest scores, ties to the lower channel, in channel order
             keep = np.sort(np.argsort(-km.scores_, kind="stable")[: top[p.layer]])

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import as_int, check_memory
 from .arch import Block, BlockRecord, ConvBN, ResNetSpec
 from .errors import ConfigError, DataError, LayerError
 from .rules import Rule, block_factors, get_rule
@@ -394,17 +395,17 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
     """Validate a neuron list: non-empty, integer, in range, no duplicates; returned sorted."""
     if neurons is None:
         return list(range(channels))
-    if isinstance(neurons, Tensor):
+    if isinstance(neurons, (Tensor, np.ndarray)):
         neurons = neurons.tolist()
     if isinstance(neurons, (int, str)) or not isinstance(neurons, Sequence):
         raise ConfigError(f"neurons for {layer!r} must be a list of channel indices, got {neurons!r}.")
     if len(neurons) == 0:
         raise ConfigError(f"the neuron list for {layer!r} is empty; pass at least one channel index or None for all.")
     out = []
-    for n in neurons:
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise ConfigError(f"neuron indices must be integers, got {n!r} for {layer!r}.")
-        n = int(n)
+    for item in neurons:
+        n = as_int(item)
+        if n is None:
+            raise ConfigError(f"neuron indices must be integers, got {item!r} for {layer!r}.")
         if not 0 <= n < channels:
             raise ConfigError(f"channel {n} is out of range for {layer!r}, which has channels 0..{channels - 1}.")
         out.append(n)
@@ -413,14 +414,48 @@ def resolve_neurons(neurons: Sequence[int] | Tensor | None, channels: int, layer
     return sorted(out)
 
 
-def check_input(x: object, name: str = "x") -> Tensor:
-    """A 4-D floating-point image batch without NaN or inf, else a :class:`DataError`."""
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype purenn computes a model in: its own, except float32 for float16 and bfloat16 models
+    (k-means and the normalised circuits need the range and precision; such models are computed on a
+    private float32 copy)."""
+    p = next(model.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_input(x: object, name: str = "x", like: Tensor | None = None, channels: int | None = None) -> Tensor:
+    """A 4-D floating-point image batch without NaN or inf, else a :class:`DataError`.
+
+    With ``like`` (a tensor of the model), a floating-point batch of another dtype is converted to
+    ``like``'s dtype (float16 images for a float32 model, ...), and a batch on another device is
+    refused. Integer images (uint8, ...) and PIL images are refused with a message saying what to
+    pass, since only the caller knows the model's normalisation. With ``channels``, a batch with
+    another number of channels is refused.
+    """
     if not isinstance(x, Tensor):
+        if type(x).__module__.split(".")[0] == "PIL" or (
+            isinstance(x, (list, tuple)) and x and type(x[0]).__module__.split(".")[0] == "PIL"
+        ):
+            raise DataError(
+                f"{name} is a PIL image (or a list of them); pass a float tensor (B, C, H, W) prepared as for the "
+                "model, e.g. torch.stack([Normalize(mean, std)(to_tensor(im)) for im in images])."
+            )
         raise DataError(f"{name} must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}.")
     if x.ndim != 4:
         raise DataError(f"{name} must have shape (B, C, H, W), got shape {tuple(x.shape)}.")
     if not x.is_floating_point():
-        raise DataError(f"{name} must be a floating-point tensor, got dtype {x.dtype}.")
+        raise DataError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert images prepared as for the "
+            f"model, e.g. {name}.float() / 255 followed by the model's normalisation."
+        )
+    if channels is not None and x.shape[1] != channels:
+        raise DataError(f"{name} has {x.shape[1]} channels but the model's first convolution takes {channels}.")
+    if like is not None:
+        if x.device != like.device:
+            raise DataError(f"{name} is on {x.device} but the model is on {like.device}; move it with "
+                            f"{name}.to({str(like.device)!r}).")
+        if x.dtype != like.dtype:
+            x = x.to(like.dtype)
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{name} contains NaN or infinite values; clean or impute the inputs first.")
     return x
@@ -441,8 +476,10 @@ def circuit_relevance(
 
     Args:
         model: a torchvision ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
-            for a purified layer its upstream and ``skip_aware`` setting are the defaults).
-        x: input batch ``(B, C, H, W)``.
+            for a purified layer its upstream and ``skip_aware`` setting are the defaults). A
+            float16 or bfloat16 model is computed in float32 on a private copy (the result is float32).
+        x: input batch ``(B, C, H, W)``, floating point (converted to the model's dtype); an empty
+            batch gives an empty result ``(0, K, C_U)``.
         layer: target layer, e.g. ``"layer4"`` or ``"layer3.1"``.
         neurons: channel indices (sorted ascending in the output); ``None`` for all channels.
         upstream: upstream layer; default: previous stage (for a stage) or block (for a block).
@@ -471,14 +508,20 @@ def circuit_relevance(
         model = model.base_model
     rule = get_rule("gradient" if rule is None else rule)
     spec = ResNetSpec(model)
-    x = check_input(x)
+    weight = next(model.parameters())
+    if compute_dtype(model) != weight.dtype:  # a half-precision model: computed in float32 on a private copy
+        from .surgery import _copy_module
+
+        model = _copy_module(model, lambda t: t.float() if t.is_floating_point() else t)
+        spec = ResNetSpec(model)
+        weight = next(model.parameters())
+    x = check_input(x, like=weight, channels=model.conv1.in_channels)
     pos_l = spec.position(layer)
     up_name = upstream if upstream is not None else spec.default_upstream(layer)
     pos_u = spec.position(up_name)
     if pos_u >= pos_l:
         raise LayerError(f"upstream {up_name!r} is not before {layer!r}; pick an earlier stage or block output.")
-    if max_memory <= 0:
-        raise ConfigError(f"max_memory must be a positive number of bytes, got {max_memory}.")
+    max_memory = check_memory("max_memory", max_memory)
     blocks = spec.segment(pos_u, pos_l)
     idx = resolve_neurons(neurons, spec.channels(pos_l), layer)
     if skip_aware and not has_identity_path(blocks):
@@ -486,6 +529,8 @@ def circuit_relevance(
             f"skip_aware=True needs an identity skip from {up_name!r} to {layer!r}, but a block in between "
             "has a downsample path."
         )
+    if x.shape[0] == 0:  # an empty batch: an empty result of the right shape
+        return x.new_zeros((0, len(idx), spec.channels(pos_u)))
     with torch.no_grad():
         acts, recs = spec.run_until(x, {pos_u, pos_l}, set(range(pos_u + 1, pos_l + 1)))
         nt = torch.tensor(idx, dtype=torch.long, device=x.device)

@@ -27,9 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import as_int, check_int, check_memory
 from .arch import Block, BlockRecord, ResNetSpec
 from .errors import ConfigError, LayerError
 from .gating import (
@@ -362,6 +364,21 @@ class SuppressionHandle:
         self.remove()
 
 
+def _int_list(values: object) -> list:
+    """``values`` as a list of items to check with :func:`as_int`: a single integer scalar becomes a
+    one-item list, a 1-d tensor or array its elements; anything else that is not a sequence a
+    :class:`ConfigError`."""
+    if as_int(values) is not None:
+        return [values]
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        if values.ndim != 1:
+            raise ConfigError(f"expected a 1-d list of integers, got an array of shape {tuple(values.shape)}.")
+        return list(values.tolist())
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, set, frozenset, range)):
+        raise ConfigError(f"expected an integer or a list of integers, got {values!r}.")
+    return list(values)
+
+
 def _copy_module(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> nn.Module:
     """A deep copy of ``module`` whose parameters and buffers are ``fn`` of the originals (converted
     straight into the copy, so the original's memory is not duplicated first); the original is not
@@ -413,7 +430,7 @@ class PurifiedModel(nn.Module):
         self.pure = nn.ModuleDict({_module_key(pl.layer): pl for pl in layers})
         self._plan = self._make_plan(spec, layers)
         self.base_model = base_model
-        self.max_memory = int(max_memory)
+        self.max_memory = check_memory("max_memory", max_memory)
         self._spec = spec
         self._owns_base = False  # True once base_model is purenn's own (a copy, or rebuilt by load_purified)
         self.eval()
@@ -468,6 +485,11 @@ class PurifiedModel(nn.Module):
         if not self._plan:
             return
         ref = next(iter(self._plan.values()))[0].centroids
+        if ref.device.type == "meta":
+            raise ConfigError(
+                "the purified model is on the meta device and holds no data; load it again "
+                "(purenn.load_purified) or purify again to compute with it."
+            )
         m = self.base_model
         for name, t in (("conv1.weight", m.conv1.weight), ("fc.weight", getattr(m.fc, "weight", None))):
             if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
@@ -499,9 +521,13 @@ class PurifiedModel(nn.Module):
         pool: str | None | bool = False,
         select: dict[str, Tensor] | None = None,
     ):
-        if not _is_exporting():
-            check_input(x)
         self._check_base()
+        if not _is_exporting():
+            x = check_input(x, like=self.base_model.conv1.weight, channels=self.base_model.conv1.in_channels)
+            if x.shape[0] == 0:  # an empty batch: empty results of the right shapes, from one zero sample
+                logits, gates, feats = self._run(x.new_zeros((1, *x.shape[1:])), all_gates=all_gates, pool=pool,
+                                                 select=select)
+                return logits[:0], {k: v[:0] for k, v in gates.items()}, {k: v[:0] for k, v in feats.items()}
         spec = self._spec
         plan = self._plan
         # per layer: None = gate every neuron at once, else the positions (into pl.neurons) to gate
@@ -578,11 +604,12 @@ class PurifiedModel(nn.Module):
         for layer, channels in neurons.items():
             pl = self.pure_layer(layer)
             pos = {int(c): i for i, c in enumerate(pl.neurons.tolist())}
-            chans = [channels] if isinstance(channels, int) else list(channels)
-            bad = [c for c in chans if isinstance(c, bool) or not isinstance(c, int) or c not in pos]
+            chans = _int_list(channels)
+            bad = [c for c in chans if as_int(c) not in pos]
             if bad or not chans:
                 raise ConfigError(f"channels {bad or chans} of {layer!r} are not purified channels.")
-            select[pl.layer] = torch.tensor([pos[c] for c in chans], dtype=torch.long, device=pl.neurons.device)
+            select[pl.layer] = torch.tensor([pos[as_int(c)] for c in chans], dtype=torch.long,
+                                            device=pl.neurons.device)
         return self._run(x, all_gates=True, select=select)[1]
 
     def pure_features(self, x: Tensor, pool: str | None = "mean") -> dict[str, Tensor]:
@@ -626,6 +653,7 @@ class PurifiedModel(nn.Module):
     def virtual_index(self, layer: str, channel: int, cluster: int = 0) -> int:
         """Virtual index of ``channel.cluster`` in ``layer``."""
         pl = self.pure_layer(layer)
+        channel, cluster = check_int("channel", channel), check_int("cluster", cluster)
         if not 0 <= channel < pl.channels:
             raise ConfigError(f"channel {channel} is out of range for {layer!r} (0..{pl.channels - 1}).")
         v = int(pl.channel_slots[channel, cluster]) if 0 <= cluster < pl.channel_slots.shape[1] else pl.n_virtual
@@ -646,14 +674,17 @@ class PurifiedModel(nn.Module):
             ...     logits = pm(x)
         """
         pl = self.pure_layer(layer)
-        if isinstance(indices, int):
-            indices = [indices]
-        idx = list(indices)
-        if not idx:
+        items = _int_list(indices)
+        if not items:
             raise ConfigError("suppress() got an empty list of virtual indices.")
-        for i in idx:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < pl.n_virtual:
-                raise ConfigError(f"virtual index {i!r} is out of range for {layer!r} (0..{pl.n_virtual - 1}).")
+        idx = []
+        for i in items:
+            v = as_int(i)
+            if v is None:
+                raise ConfigError(f"virtual indices must be integers, got {i!r} for {layer!r}.")
+            if not 0 <= v < pl.n_virtual:
+                raise ConfigError(f"virtual index {v} is out of range for {layer!r} (0..{pl.n_virtual - 1}).")
+            idx.append(v)
         t = torch.tensor(sorted(set(idx)), dtype=torch.long, device=pl.merge_weight.device)
         with _SUPPRESSION_LOCK:
             return SuppressionHandle(pl, t, pl.merge_weight[t].clone())._take()

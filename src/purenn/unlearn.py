@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._validate import check_int
 from .data import DataSource
 from .errors import ConfigError, DataError
 from .probe import extract_features
@@ -168,8 +169,8 @@ def find_concept_neurons(
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
         raise ConfigError(f"threshold must be in (0, 1], got {threshold!r}.")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-        raise ConfigError(f"top must be a positive integer or None, got {top!r}.")
+    if top is not None:
+        top = check_int("top", top, 1)
     shares = concept_shares(pm, layer, data, labels, by=by, batch_size=batch_size)
     if isinstance(concept, bool) or not isinstance(concept, (int, np.integer)) or not 0 <= concept < len(shares):
         raise ConfigError(f"concept must be a label in 0..{len(shares) - 1}, got {concept!r}.")

@@ -29,11 +29,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._choices import MAX_DPI
+from ._files import as_path, atomic_write, resolve_target
+from ._validate import check_int
 from .data import DataSource
 from .errors import ConfigError, DataError, PurennError
 from .relevance import circuit_relevance
 
-__all__ = ["MissingExtraError", "EMBEDDINGS", "neuron_figure", "neuron_circuits", "embed_2d", "save_neuron_figure"]
+__all__ = ["MissingExtraError", "EMBEDDINGS", "MAX_DPI", "neuron_figure", "neuron_circuits", "embed_2d",
+           "save_neuron_figure"]
 
 EMBEDDINGS = ("pca", "tsne")
 #: colours of clusters 0, 1, 2, ... (matplotlib's tab10)
@@ -204,8 +208,7 @@ def neuron_figure(
         >>> fig.savefig("layer4_5.png", dpi=120)              # doctest: +SKIP
     """
     mfig = _matplotlib()
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 1:
-        raise ConfigError(f"n_images must be a positive integer, got {n_images!r}.")
+    n_images = check_int("n_images", n_images, 1)
     if embedding not in EMBEDDINGS:
         raise ConfigError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}.")
     pl = pm.pure_layer(layer)
@@ -262,15 +265,23 @@ def neuron_figure(
 
 
 def save_neuron_figure(pm: Any, layer: str, channel: int, data: Any, path: str, *, dpi: int = 110, **kwargs) -> str:
-    """Draw :func:`neuron_figure` and write it to ``path`` (format from the suffix, e.g. ``.png``).
+    """Draw :func:`neuron_figure` and write it to ``path`` (format from the suffix, e.g. ``.png``;
+    ``dpi`` in 1..MAX_DPI). Written like every purenn file (:mod:`purenn._files`): atomically, with a
+    normal file's mode, through a symbolic link.
 
     Example:
         >>> save_neuron_figure(pm, "layer4", 5, data, "neuron.png")     # doctest: +SKIP
         'neuron.png'
     """
+    dpi = check_int("dpi", dpi, 1, MAX_DPI)
+    fmt = as_path(path, "path").suffix[1:].lower() or "png"
+    resolve_target(path, "figure file name such as 'neuron.png'")  # before drawing: a missing directory, ...
     fig = neuron_figure(pm, layer, channel, data, **kwargs)
     try:
-        fig.savefig(path, dpi=dpi)
+        with atomic_write(path, "figure file name such as 'neuron.png'") as tmp:
+            fig.savefig(tmp, dpi=dpi, format=fmt)
     except OSError as e:
         raise DataError(f"cannot write the figure to {path!r}: {e.strerror or e}.") from None
+    except ValueError as e:  # matplotlib: an unknown format
+        raise ConfigError(f"cannot write the figure to {path!r}: {e}") from None
     return str(path)
