@@ -33,7 +33,16 @@ from ._choices import MAX_DPI
 from ._validate import check_int, check_number
 from ._version import __version__
 from .errors import PurennError
-from .loaders import ARCHITECTURES, InputError, LoadedData, load_checkpoint_model, load_data, torchvision_model
+from .loaders import (
+    ARCHITECTURES,
+    TIMM_PREFIX,
+    InputError,
+    LoadedData,
+    load_checkpoint_model,
+    load_data,
+    timm_model,
+    torchvision_model,
+)
 
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
@@ -48,7 +57,8 @@ EXIT_CODES = {
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 #: optional or easily missing modules -> how to install them
-_INSTALL = {"matplotlib": 'pip install "purenn[viz]"', "onnx": "pip install onnx", "onnxruntime": "pip install "
+_INSTALL = {"matplotlib": 'pip install "purenn[viz]"', "timm": 'pip install "purenn[timm]"',
+            "onnx": "pip install onnx", "onnxruntime": "pip install "
             "onnxruntime (or onnxruntime-gpu)", "sklearn": "pip install scikit-learn", "PIL": "pip install pillow"}
 
 
@@ -120,6 +130,8 @@ def _load_purified(path: str) -> Any:
 def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
     """The model to purify and a description of where it came from."""
     source = args.model
+    if source.startswith(TIMM_PREFIX):
+        return _timm_base_model(args)
     if _looks_like_path(source):
         if args.checkpoint or args.weights:
             raise InputError(f"{source!r} is a file; --checkpoint/--weights go with an architecture name such as "
@@ -138,7 +150,7 @@ def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
         return pm.base_model, f"base model of {source}"
     if source not in ARCHITECTURES:
         raise InputError(f"unknown architecture or missing file {source!r}: give a torchvision ResNet name "
-                       f"({', '.join(ARCHITECTURES)}) or a purified .safetensors file.")
+                       f"({', '.join(ARCHITECTURES)}), timm:NAME for a timm ResNet, or a purified .safetensors file.")
     if args.weights:
         if args.checkpoint:
             raise InputError("use either --checkpoint or --weights, not both.")
@@ -148,6 +160,26 @@ def _base_model(args: argparse.Namespace) -> tuple[Any, str]:
                          "DEFAULT for torchvision's pretrained weights.")
     model = load_checkpoint_model(source, args.checkpoint, blocks=args.blocks, stem_stride=args.stem_stride)
     return model, f"{source} from {args.checkpoint}"
+
+
+def _timm_base_model(args: argparse.Namespace) -> tuple[Any, str]:
+    from .loaders import check_timm_name
+
+    name = check_timm_name(args.model)
+    if getattr(args, "blocks", None) is not None:
+        raise InputError("--blocks goes with a torchvision architecture; a timm model name fixes its depth.")
+    if args.weights and args.checkpoint:
+        raise InputError("use either --checkpoint or --weights, not both.")
+    if args.weights:
+        if args.weights != "DEFAULT":
+            if "." in name:
+                raise InputError(f"{args.model} names its pretrained tag already; pass --weights DEFAULT.")
+            name = f"{name}.{args.weights}"
+        return timm_model(name, pretrained=True), f"timm {name} with timm's pretrained weights"
+    if not args.checkpoint:
+        raise InputError(f"{args.model} needs trained weights: --checkpoint model.pth|model.safetensors, or --weights "
+                         "DEFAULT for timm's pretrained weights.")
+    return timm_model(name, checkpoint=args.checkpoint), f"timm {name} from {args.checkpoint}"
 
 
 # ============================================================================================ data
@@ -249,7 +281,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     spec = ResNetSpec(model)
     for name in layers:
         spec.default_upstream(name)  # unknown layer names fail here, before the data is read
-    in_ch = int(model.conv1.in_channels)
+    in_ch = spec.in_channels
     data = _data_from_args(args, in_ch)
     _say(args, f"model: {origin}\ndata: {data.description}")
     from .distributed import init_from_env
@@ -320,9 +352,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     kernel = "x".join(map(str, stem.get("kernel_size", [])))
     pool = "+ max-pool" if stem.get("maxpool") else "without max-pool"
     print(f"file: {args.model}  (purenn {config.get('purenn_version')}, format {config.get('format_version')})")
-    print(f"base: {arch.get('builder') or 'custom ResNet'}: {arch.get('block')} blocks {arch.get('layers')}, "
-          f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
-          f"stride {(stem.get('stride') or ['?'])[0]} {pool}")
+    if str(arch.get("family", "")).startswith("timm"):
+        name = ".".join(str(p) for p in (arch.get("timm_model") or "custom timm ResNet", arch.get("timm_tag")) if p)
+        attention = f" with {', '.join(arch['attention'])}" if arch.get("attention") else ""
+        print(f"base: timm {name}: {arch.get('block')} blocks {arch.get('layers')}{attention}, "
+              f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s)")
+    else:
+        print(f"base: {arch.get('builder') or 'custom ResNet'}: {arch.get('block')} blocks {arch.get('layers')}, "
+              f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
+              f"stride {(stem.get('stride') or ['?'])[0]} {pool}")
     print()
     print(_table([[r["layer"], r["upstream"], r["gate"], _rule_text(r["rule"]), "yes" if r["skip_aware"] else "no",
                    r["channels"], r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
@@ -405,7 +443,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         source = _load_purified(args.model)
         layer = args.layer or source.layers[-1]
         source.pure_layer(layer)
-        in_ch, shape = int(source.base_model.conv1.in_channels), None
+        from .arch import input_conv
+
+        in_ch, shape = int(input_conv(source.base_model).in_channels), None
     data = _data_from_args(args, in_ch)
     if shape is not None:
         sample = tuple(data.dataset[0][0].shape)
@@ -455,7 +495,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         if channel not in pl.neurons.tolist():
             shown = ", ".join(map(str, pl.neurons.tolist()[:12])) + (", ..." if len(pl.neurons) > 12 else "")
             raise InputError(f"--neuron {channel} is not a purified channel of {layer}; purified channels: {shown}.")
-    data = _data_from_args(args, int(pm.base_model.conv1.in_channels))
+    from .arch import input_conv
+
+    data = _data_from_args(args, int(input_conv(pm.base_model).in_channels))
     out = Path(args.out or f"{Path(args.model).stem}_{layer}_{channel}.png")
     if not out.parent.exists():
         raise InputError(f"cannot write {str(out)!r}: folder {str(out.parent)!r} does not exist.")
@@ -509,11 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "purified model.\n\n  purenn purify resnet18 --checkpoint model.pt --data images/ "
                        "--out purified.safetensors\n  purenn purify resnet18 --checkpoint fmnist.pt --blocks "
                        "1,1,1,1 --fashion-mnist --limit 5000 --neurons 16")
-    p.add_argument("model", help=f"torchvision ResNet name ({', '.join(ARCHITECTURES)}) or a purified "
-                   ".safetensors file (its base model is purified again)")
+    p.add_argument("model", help=f"torchvision ResNet name ({', '.join(ARCHITECTURES)}), a timm ResNet as "
+                   "timm:NAME (e.g. timm:resnet50.a1_in1k; needs purenn[timm]) or a purified .safetensors file (its "
+                   "base model is purified again)")
     p.add_argument("-c", "--checkpoint", metavar="FILE", help="trained weights: .pt/.pth state_dict (loaded with "
                    "weights_only=True) or .safetensors; classes, input channels and stem are read from it")
-    p.add_argument("--weights", metavar="NAME", help="torchvision pretrained weights instead, e.g. DEFAULT")
+    p.add_argument("--weights", metavar="NAME", help="pretrained weights instead: torchvision's (e.g. DEFAULT) or "
+                   "timm's (DEFAULT: the tag in the name, or a tag such as a1_in1k)")
     p.add_argument("--blocks", type=_parse_blocks, metavar="A,B,C,D", help="blocks per stage for a custom depth")
     p.add_argument("--stem-stride", type=int, choices=(1, 2), default=1,
                    help="stride of an adapted (non-7x7) stem convolution (default 1)")

@@ -27,6 +27,7 @@ _DESCRIPTION = (
 def run(args: argparse.Namespace) -> int:
     """Run ``purenn report`` (see the module docstring); returns the exit code."""
     from . import cli
+    from .arch import input_conv
     from .loaders import InputError
     from .report import write_report
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     layers = None if args.layers is None else [name for item in args.layers for name in item.split(",") if name]
     for name in layers or []:
         pm.pure_layer(name)
-    data = cli._data_from_args(args, int(pm.base_model.conv1.in_channels))
+    data = cli._data_from_args(args, int(input_conv(pm.base_model).in_channels))
     cli._say(args, f"data: {data.description}")
     index = write_report(pm, data.dataset, out, labels=data.labels, class_names=data.class_names, layers=layers,
                          top=args.top, n_images=args.n_images, embedding=args.embedding, seed=args.seed,

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     spec = ResNetSpec(model)
     for name in layers:
         spec.default_upstream(name)  # unknown layer names fail here, before any image is read
-    in_ch = int(model.conv1.in_channels)
+    in_ch = spec.in_channels
     clean = stamped = None
     target = None
     if args.eval is not None:
@@ -123,10 +123,10 @@ def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
                        epilog=epilog, formatter_class=fmt, description=_DESCRIPTION + "\n\n  "
                        "purenn unlearn resnet18 --checkpoint model.pt --examples examples/ --neurons 64 "
                        "--out unlearned.safetensors\n  ... --eval test/ --eval-concept test_stamped/ --target cat")
-    p.add_argument("model", help=f"torchvision ResNet name ({', '.join(ARCHITECTURES)}) or a purified .safetensors "
-                   "file (its base model is used)")
+    p.add_argument("model", help=f"torchvision ResNet name ({', '.join(ARCHITECTURES)}), a timm ResNet as timm:NAME "
+                   "or a purified .safetensors file (its base model is used)")
     p.add_argument("-c", "--checkpoint", metavar="FILE", help="trained weights (.pt/.pth state_dict or .safetensors)")
-    p.add_argument("--weights", metavar="NAME", help="torchvision pretrained weights instead, e.g. DEFAULT")
+    p.add_argument("--weights", metavar="NAME", help="torchvision's or timm's pretrained weights instead, e.g. DEFAULT")
     from .cli import _parse_blocks
 
     p.add_argument("--blocks", type=_parse_blocks, metavar="A,B,C,D", help="blocks per stage for a custom depth")

@@ -124,7 +124,7 @@ def rank_concept_channels(
     change of the channel's mean activation.
 
     Args:
-        model: a torchvision ResNet or a :class:`~purenn.PurifiedModel` (its base model is used).
+        model: a torchvision or timm ResNet or a :class:`~purenn.PurifiedModel` (its base model is used).
         layer: a stage or block output, e.g. ``"layer4"``.
         concept: images with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
         other: images without it (ideally the same images without the concept).
@@ -310,7 +310,7 @@ def purify_concept(
     suppressed (:func:`concept_virtual_indices`).
 
     Args:
-        model: a trained torchvision ResNet in eval mode (never modified).
+        model: a trained torchvision or timm ResNet in eval mode (never modified).
         layers: target layer(s), e.g. ``"layer4"`` or ``["layer3", "layer4"]``.
         concept: examples with the concept (Tensor ``(N, C, H, W)``, Dataset or DataLoader).
         other: examples without it; the same images without the concept work best.

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ._files import as_path, begin_write
 from ._validate import as_int, check_memory, check_number
 from ._version import __version__
-from .arch import ResNetSpec
+from .arch import ResNetSpec, input_conv
 from .distributed import writes_on_rank_zero
 from .errors import ConfigError, ExportError
 from .relevance import grid_relevance, normalize_relevance
@@ -307,7 +307,7 @@ def _check_args(pm: Any, input_shape: Any, pool: Any, exporter: Any, opset: Any)
             f"input_shape must be (channels, height, width) of positive ints, got {input_shape!r}."
         )
     shape = tuple(as_int(s) for s in shape)
-    in_ch = pm.base_model.conv1.in_channels
+    in_ch = input_conv(pm.base_model).in_channels
     if shape[0] != in_ch:
         raise ConfigError(f"input_shape has {shape[0]} channels but the model's conv1 takes {in_ch}.")
     if pool not in POOLS:

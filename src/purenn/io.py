@@ -8,8 +8,9 @@ The file holds
   ``n_clusters``, ``scores``, ``ref_counts``, ``ref_indices``, ``ref_clusters`` and
   ``merge_weight`` (the suppression mask: 1 on, 0 suppressed);
 - a JSON config in the safetensors metadata under ``"purenn"``: format and purenn version, the
-  base architecture (torchvision builder name when it is one, block layout, stem, input channels,
-  classes, a structural fingerprint), and per layer its :meth:`PureLayer.config` (layer, upstream,
+  base architecture (torchvision builder name when it is one, or the timm model name and the
+  arguments that rebuild it; block layout, stem, input channels, classes, a structural fingerprint),
+  and per layer its :meth:`PureLayer.config` (layer, upstream,
   rule, ...), neurons, clusters per neuron, scores and suppressed virtual neurons.
 
 A second metadata entry, ``"purenn_sha256"``, holds content hashes: SHA-256 of the config text and,
@@ -54,7 +55,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ._files import as_path, resolve_target, write_chunks
 from ._version import __version__
-from .arch import ResNetSpec
+from .arch import ResNetSpec, input_conv
 from .distributed import writes_on_rank_zero
 from .errors import ConfigError, FileFormatError, LayerError, PurennError
 from .gating import CIRCUIT_GATES
@@ -100,7 +101,8 @@ _BUILDERS = {
 }
 _BLOCKS = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck}
 _NORMS = {"BatchNorm2d": nn.BatchNorm2d, "FrozenBatchNorm2d": FrozenBatchNorm2d}
-_ARCH_FIELDS = ("builder", "block", "layers", "groups", "width_per_group", "num_classes", "in_channels",
+_ARCH_FIELDS = ("family", "timm_model", "timm_kwargs",
+                "builder", "block", "layers", "groups", "width_per_group", "num_classes", "in_channels",
                 "stem", "dilation", "norm")
 
 
@@ -124,6 +126,13 @@ def _module_signature(m: nn.Module) -> list:
         return [_pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.ceil_mode]
     if isinstance(m, nn.AdaptiveAvgPool2d):
         return [_pair(m.output_size) if m.output_size is not None else None]
+    if isinstance(m, nn.AvgPool2d):
+        return [_pair(m.kernel_size), _pair(m.stride), _pair(m.padding), m.ceil_mode, m.count_include_pad]
+    if isinstance(m, nn.Conv1d):
+        return [m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), list(m.padding),
+                list(m.dilation), m.groups, m.bias is not None, m.padding_mode]
+    if type(m).__name__ == "SelectAdaptivePool2d":  # timm's head pooling
+        return [str(getattr(m, "pool_type", "")), bool(getattr(m, "flatten", None) is not None)]
     return []
 
 
@@ -135,9 +144,14 @@ def _fingerprint(model: nn.Module) -> str:
 
 
 def describe_architecture(model: nn.Module) -> dict[str, Any]:
-    """A JSON-serialisable description of a torchvision ResNet's architecture.
+    """A JSON-serialisable description of a ResNet's architecture (torchvision or timm).
 
-    Fields: ``builder`` (the torchvision builder it matches, e.g. ``"resnet50"``, else ``None``),
+    For a timm ResNet the fields are ``family``, ``timm_model`` and ``timm_tag`` (from its
+    ``pretrained_cfg``; ``None`` when it was not built by ``timm.create_model``), ``timm_kwargs``
+    (the ``create_model`` arguments that rebuild its structure), ``block``, ``layers``,
+    ``attention``, ``num_classes``, ``in_channels``, ``norm``, ``dtype``, ``fingerprint`` and
+    ``rebuildable``. For a torchvision ResNet: ``builder`` (the torchvision builder it matches,
+    e.g. ``"resnet50"``, else ``None``),
     ``block``, ``layers`` (blocks per stage), ``groups``, ``width_per_group``, ``num_classes``,
     ``in_channels``, ``stem`` (conv1 kernel/stride/padding/bias and the max-pool, ``None`` when
     it is an ``nn.Identity``), ``dilation`` (torchvision's ``replace_stride_with_dilation``),
@@ -151,6 +165,8 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
         ('resnet50', [3, 4, 6, 3], 10)
     """
     spec = ResNetSpec(model)
+    if spec.family.name == "timm":
+        return _describe_timm(model, spec)
     block = "Bottleneck" if len(spec.blocks[0].main) == 3 else "BasicBlock"
     first = model.layer1[0]
     groups = int(first.conv2.groups)
@@ -198,14 +214,116 @@ def describe_architecture(model: nn.Module) -> dict[str, Any]:
     return arch
 
 
+def _timm_kwargs(model: nn.Module) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments that, with the model name, rebuild ``model``'s structure."""
+    drop_path = [float(b.drop_path.drop_prob) for s in _STAGES for b in getattr(model, s)
+                 if getattr(b, "drop_path", None) is not None]
+    drop_block = [float(b.drop_block.drop_prob) for s in _STAGES for b in getattr(model, s)
+                  if type(getattr(b, "drop_block", None)).__name__ == "DropBlock2d"]
+    info = getattr(model, "feature_info", None)
+    stride = info[-1].get("reduction") if isinstance(info, list) and info and isinstance(info[-1], dict) else None
+    kwargs: dict[str, Any] = {
+        "num_classes": int(model.fc.out_features) if isinstance(model.fc, nn.Linear) else 0,
+        "in_chans": int(input_conv(model).in_channels),
+        "global_pool": str(getattr(model.global_pool, "pool_type", "avg")),
+        "drop_rate": float(getattr(model, "drop_rate", 0.0) or 0.0),
+    }
+    if isinstance(stride, int) and stride != 32:
+        kwargs["output_stride"] = stride
+    if drop_path:
+        kwargs["drop_path_rate"] = max(drop_path)  # timm's linear decay: the last block has the full rate
+    if drop_block:
+        kwargs["drop_block_rate"] = max(drop_block)
+    return kwargs
+
+
+def _describe_timm(model: nn.Module, spec: ResNetSpec) -> dict[str, Any]:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    tag = cfg.get("tag") if isinstance(cfg, Mapping) else None
+    conv1 = input_conv(model)
+    param = next(model.parameters(), None)
+    arch: dict[str, Any] = {
+        "family": "timm.models.resnet.ResNet",
+        "timm_model": name if isinstance(name, str) and name else None,
+        "timm_tag": tag if isinstance(tag, str) and tag else None,
+        "timm_kwargs": _timm_kwargs(model),
+        "builder": None,
+        "block": "Bottleneck" if len(spec.blocks[0].main) == 3 else "BasicBlock",
+        "layers": [len(getattr(model, s)) for s in _STAGES],
+        "attention": sorted({type(b.attn).__name__ for b in spec.blocks if b.attn is not None}),
+        "num_classes": int(model.fc.out_features) if isinstance(model.fc, nn.Linear) else None,
+        "in_channels": int(conv1.in_channels),
+        "norm": type(model.bn1).__name__,
+        "dtype": str(param.dtype).replace("torch.", "") if param is not None else "float32",
+        "fingerprint": _fingerprint(model),
+    }
+    try:
+        arch["rebuildable"] = (arch["timm_model"] is not None
+                               and _fingerprint(build_base_model(arch, device="meta")) == arch["fingerprint"])
+    except (FileFormatError, TypeError, ValueError, RuntimeError):
+        arch["rebuildable"] = False
+    return arch
+
+
+def _build_timm(arch: Mapping[str, Any]) -> nn.Module:
+    name, tag, kwargs = arch.get("timm_model"), arch.get("timm_tag"), arch.get("timm_kwargs")
+    if not isinstance(name, str) or not name or not isinstance(kwargs, Mapping):
+        raise FileFormatError(
+            "the stored timm architecture names no timm model (it was not built by timm.create_model); pass the "
+            "base model skeleton: load_purified(path, model=...)."
+        )
+    try:
+        import timm
+    except ImportError:
+        raise FileFormatError(
+            f"the base model is the timm model {name!r}, and rebuilding it needs timm: pip install "
+            "\"purenn[timm]\", or pass the base model skeleton: load_purified(path, model=...)."
+        ) from None
+    names = [f"{name}.{tag}", name] if isinstance(tag, str) and tag else [name]
+    for i, full in enumerate(names):
+        try:
+            with torch.device("meta"):
+                return timm.create_model(full, pretrained=False, **dict(kwargs))
+        except RuntimeError as e:  # unknown model or pretrained tag in this timm version
+            if i + 1 < len(names):
+                continue
+            raise FileFormatError(
+                f"timm {timm.__version__} cannot build {full!r} ({e}); install the timm version that saved it, or "
+                "pass the base model skeleton: load_purified(path, model=...)."
+            ) from None
+        except (TypeError, ValueError, KeyError, AssertionError) as e:
+            raise FileFormatError(
+                f"timm cannot build {full!r} with the stored arguments {dict(kwargs)} ({type(e).__name__}: {e}); "
+                "pass the base model skeleton: load_purified(path, model=...)."
+            ) from None
+    raise AssertionError("unreachable")
+
+
 def build_base_model(arch: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
-    """An uninitialised torchvision ResNet with the architecture :func:`describe_architecture` gave
-    (weights are left empty: load a ``state_dict`` into it).
+    """An uninitialised ResNet with the architecture :func:`describe_architecture` gave (weights
+    are left empty: load a ``state_dict`` into it): torchvision's ResNet, or for a timm model
+    ``timm.create_model(name, pretrained=False, **kwargs)`` with the stored name and arguments.
 
     Raises:
         FileFormatError: the description names no block, norm or stem that torchvision's
-            :class:`~torchvision.models.ResNet` can build.
+            :class:`~torchvision.models.ResNet` can build; or a timm model when timm is not
+            installed (``pip install "purenn[timm]"``) or cannot build it.
+
+    Example:
+        >>> import torchvision
+        >>> arch = describe_architecture(torchvision.models.resnet18(num_classes=3))
+        >>> type(build_base_model(arch, device="meta")).__name__
+        'ResNet'
     """
+    if str(arch.get("family", "")).startswith("timm"):
+        model = _build_timm(arch)
+        dtype = getattr(torch, str(arch.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise FileFormatError(f"unknown dtype {arch.get('dtype')!r} in the stored architecture.")
+        if str(device) != "meta":
+            model = model.to_empty(device=device)
+        return model.to(dtype).eval()
     try:
         block = _BLOCKS[arch["block"]]
         norm = _NORMS[arch["norm"]]
@@ -238,6 +356,12 @@ def build_base_model(arch: Mapping[str, Any], device: str | torch.device = "cpu"
     if str(device) != "meta":
         model = model.to_empty(device=device)
     return model.to(dtype).eval()
+
+
+def _arch_name(arch: Mapping[str, Any]) -> str:
+    if arch.get("timm_model"):
+        return f"timm model {arch['timm_model']!r}"
+    return f"builder {arch.get('builder')!r}"
 
 
 def _arch_difference(stored: Mapping[str, Any], given: Mapping[str, Any]) -> str:
@@ -416,6 +540,8 @@ def _base_skeleton(arch: dict[str, Any], model: nn.Module | None, path: Path) ->
     """The base model to load into: rebuilt (``model=None``) or the given skeleton, checked but not
     changed (it is converted and written only after every check of the file passed)."""
     if model is None:
+        if str(arch.get("family", "")).startswith("timm") and arch.get("timm_model"):
+            build_base_model(arch, device="meta")  # says what to install when timm is missing
         if not arch.get("rebuildable", False):
             raise FileFormatError(
                 f"the base model in {str(path)!r} is a customised ResNet that cannot be rebuilt from its "
@@ -436,7 +562,7 @@ def _base_skeleton(arch: dict[str, Any], model: nn.Module | None, path: Path) ->
     if given["fingerprint"] != arch.get("fingerprint"):
         raise FileFormatError(
             f"the model given as model= does not fit {str(path)!r}: {_arch_difference(arch, given)}. "
-            f"Pass a skeleton of the saved architecture (builder {arch.get('builder')!r}) or model=None "
+            f"Pass a skeleton of the saved architecture ({_arch_name(arch)}) or model=None "
             "to rebuild it."
         )
     return model

@@ -1,9 +1,10 @@
-"""Inputs of the ``purenn`` command: torchvision ResNet checkpoints and image data.
+"""Inputs of the ``purenn`` command: torchvision and timm ResNet checkpoints and image data.
 
 :func:`load_checkpoint_model` builds a torchvision ResNet from a checkpoint (``.pt``/``.pth``
 loaded with ``weights_only=True``, or ``.safetensors``), reading the number of classes, the input
 channels and an adapted small-image stem from the weights and refusing a checkpoint of another
-architecture with a message that says which one it holds. :func:`load_data` reads an image folder
+architecture with a message that says which one it holds; :func:`timm_model` does the same for a
+timm model name (``timm:resnet50.a1_in1k``) or loads timm's pretrained weights. :func:`load_data` reads an image folder
 (torchvision ``ImageFolder``) or Fashion-MNIST's IDX files into a dataset with stable indices and
 its labels.
 
@@ -27,7 +28,8 @@ import numpy as np
 
 from .errors import DataError, PurennError, UnsupportedModelError
 
-__all__ = ["InputError", "ARCHITECTURES", "load_checkpoint_model", "torchvision_model", "LoadedData", "load_data"]
+__all__ = ["InputError", "ARCHITECTURES", "TIMM_PREFIX", "load_checkpoint_model", "torchvision_model", "timm_model",
+           "check_timm_name", "LoadedData", "load_data"]
 
 #: torchvision builder -> (block, blocks per stage, groups, width per group)
 ARCHITECTURES = {
@@ -42,6 +44,8 @@ ARCHITECTURES = {
     "resnext101_32x8d": ("Bottleneck", (3, 4, 23, 3), 32, 8),
     "resnext101_64x4d": ("Bottleneck", (3, 4, 23, 3), 64, 4),
 }
+#: prefix of a timm model name on the command line: ``timm:resnet50.a1_in1k``
+TIMM_PREFIX = "timm:"
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -206,6 +210,80 @@ def torchvision_model(arch: str, weights: str) -> Any:
         raise InputError(
             f"could not download the {arch} weights {weights!r} ({e}); use a local checkpoint instead."
         ) from None
+
+
+def check_timm_name(name: str) -> str:
+    """``name`` without a ``timm:`` prefix, if it names a model of timm's ResNet family (an optional
+    pretrained tag after a dot), else an :class:`InputError`.
+
+    Example:
+        >>> check_timm_name("timm:resnet50.a1_in1k")                         # doctest: +SKIP
+        'resnet50.a1_in1k'
+    """
+    import timm
+
+    if name.startswith(TIMM_PREFIX):
+        name = name[len(TIMM_PREFIX):]
+    arch = name.partition(".")[0]
+    resnets = timm.list_models(module="resnet")
+    if not name or arch not in resnets:
+        close = [n for n in resnets if arch and arch[:5] in n][:6]
+        similar = f" (similar: {', '.join(close)})" if close else ""
+        raise InputError(
+            f"{name!r} is not a ResNet of timm {timm.__version__}{similar}; purenn supports timm's ResNet family, "
+            "see timm.list_models(module='resnet')."
+        )
+    return name
+
+
+def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretrained: bool = False) -> Any:
+    """A timm ResNet ``name`` (``"resnet50"``, ``"seresnet50.a1_in1k"``; a ``timm:`` prefix is
+    dropped) in eval mode, with the weights of ``checkpoint`` (classes and input channels read
+    from it) or, with ``pretrained=True``, timm's pretrained weights (downloaded unless timm's cache
+    holds them).
+
+    Raises:
+        ModuleNotFoundError: timm is not installed (``pip install "purenn[timm]"``).
+        InputError: an unknown or non-ResNet timm model, a checkpoint that does not fit it, or
+            pretrained weights that cannot be fetched.
+
+    Example:
+        >>> model = timm_model("timm:resnet50.a1_in1k", checkpoint="weights.pth")   # doctest: +SKIP
+    """
+    import timm
+    import torch
+
+    name = check_timm_name(name)
+    if (checkpoint is None) == (not pretrained):
+        raise InputError(f"timm:{name} needs exactly one source of weights: a checkpoint or pretrained=True.")
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True).eval()
+        except RuntimeError as e:  # unknown pretrained tag
+            raise InputError(f"timm has no pretrained weights {name!r} ({e}).") from None
+        except Exception as e:  # no network, no cache: OSError, huggingface_hub and urllib errors
+            raise InputError(
+                f"could not fetch timm's pretrained weights for {name!r} ({type(e).__name__}: {e}); this machine "
+                "may not reach the Hugging Face Hub: use a local checkpoint (--checkpoint) instead."
+            ) from None
+    path = Path(checkpoint)
+    state = _read_state_dict(path)
+    stem = next((state[k] for k in ("conv1.weight", "conv1.0.weight") if k in state), None)
+    fc = state.get("fc.weight")
+    if stem is None or stem.ndim != 4 or not any(k.startswith("layer4.") for k in state):
+        shown = ", ".join(sorted(state)[:6])
+        raise InputError(f"{str(path)!r} is not the state_dict of a timm ResNet (found keys such as {shown}).")
+    kwargs = {"num_classes": int(fc.shape[0]) if fc is not None else 0, "in_chans": int(stem.shape[1])}
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as e:
+        raise InputError(f"timm cannot build {name!r} ({e}).") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
+        raise InputError(f"{str(path)!r} does not fit timm's {name}: {' '.join(lines)[:600]}") from None
+    return model.to(stem.dtype if stem.is_floating_point() else torch.float32).eval()
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from ._validate import as_int, check_int, check_memory
-from .arch import Block, ResNetSpec
+from .arch import Block, ResNetSpec, input_conv
 from .cluster import SCORES, CircuitKMeans
 from .collect import ActivationCache, collect_references
 from .data import DataSource
@@ -189,7 +189,7 @@ def _check_forward(spec: ResNetSpec, model: nn.Module, x: Tensor) -> None:
             ref, ours = model(x), spec.forward(x)
     if ref.shape != ours.shape or not torch.allclose(ref, ours, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError(
-            f"{type(model).__name__}.forward does not compute what a torchvision ResNet computes from its "
+            f"{type(model).__name__}.forward does not compute what a {spec.family.name} ResNet computes from its "
             "modules (a customised forward?); purenn can only rewrite the standard forward pass."
         )
 
@@ -256,9 +256,10 @@ def purify_model(
     virtual neuron of the nearest centroid.
 
     Args:
-        model: a trained torchvision ResNet (any variant). It is never modified: purenn computes in
-            inference form (BatchNorm with its running statistics) whatever its mode, leaves its
-            mode, weights and device as they are, and the purified model shares its modules. A
+        model: a trained torchvision or timm ResNet (any supported variant, see :mod:`purenn.arch`).
+            It is never modified: purenn computes in inference form (BatchNorm with its running
+            statistics) whatever its mode, leaves its mode, weights and device as they are, and the
+            purified model shares its modules. A
             float16 or bfloat16 model is purified in float32 on a private copy, which the purified
             model then holds (``pm.half()`` converts it back if wanted).
         layers: target layers by module name: ``"layer4"`` (stage output), ``"layer3.1"`` (block).
@@ -386,7 +387,7 @@ def purify_model(
     probe = source.fetch(list(range(min(2, len(source))))).to(device)
     if not bool(torch.isfinite(probe).all()):
         raise DataError("the first samples contain NaN or infinite values.")
-    check_input(probe, "the data", channels=model.conv1.in_channels)
+    check_input(probe, "the data", channels=input_conv(model).in_channels)
     _check_forward(spec, model, probe)
 
     checkpoint = None

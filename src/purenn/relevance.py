@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validate import as_int, check_memory
-from .arch import Block, BlockRecord, ConvBN, ResNetSpec
+from .arch import Block, BlockRecord, ConvBN, ResNetSpec, input_conv
 from .errors import ConfigError, DataError, LayerError
 from .rules import Rule, block_factors, get_rule
 
@@ -79,6 +79,7 @@ class SegmentMasks:
     out: Tensor | None
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
+    attn: tuple[Tensor, ...] = ()  # the block attention's recorded state (purenn.arch.attention)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> SegmentMasks:
         """The same masks with ``fn`` applied to every tensor (adds or gathers the pair axis)."""
@@ -88,10 +89,12 @@ class SegmentMasks:
             out=None if self.out is None else fn(self.out),
             in_hw=self.in_hw,
             act_hw=self.act_hw,
+            attn=tuple(fn(t) for t in self.attn),
         )
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (*(t for ts in self.main for t in ts), *self.skip, self.out) if t is not None]
+        every = (*(t for ts in self.main for t in ts), *self.skip, self.out, *self.attn)
+        return [t for t in every if t is not None]
 
 
 def _hw(t: Tensor) -> tuple[int, int]:
@@ -208,6 +211,20 @@ def _rule_back(
     return out
 
 
+def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tensor,
+                      in_hw: tuple[int, int]) -> Tensor:
+    """Backward of a block's channel attention and its last conv+BN for the one-hot gradient
+    ``e_k * a_sel``: the direct term stays one-hot; the pooled path adds a spatially constant
+    gradient on every channel, which a 1x1 convolution maps to a constant (a matrix product)."""
+    direct, pooled = blk.attn.backward_onehot(a_sel, neurons, m.attn)
+    cb = blk.main[-1]
+    if cb.is_pointwise and cb.conv.groups == 1:
+        const = torch.matmul(pooled, cb.folded_weight()[:, :, 0, 0])
+        return _conv_back_onehot(cb, direct, neurons, in_hw) + const[..., None, None]
+    dense = direct[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+    return _conv_back(cb, dense + pooled[..., None, None], in_hw)
+
+
 def segment_backward(
     blocks: Sequence[Block],
     masks: Sequence[SegmentMasks],
@@ -238,23 +255,31 @@ def segment_backward(
         n_main = len(blk.main)
         top_in_hw = m.act_hw[-1]
         w_last = rule.conv_weights(blk.main[-1])
+        # a downsample behind a pooling (timm's avg_down) convolves at the output resolution
+        ds_hw = m.in_hw if blk.down_pool is None else _hw(m.out)
         if bi == last:
             # the relevance (gradient) at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
-            gm = _rule_back(blk.main[-1], w_last, m.main[-1], a_sel, top_in_hw, onehot=neurons)
+            if blk.attn is None:
+                gm = _rule_back(blk.main[-1], w_last, m.main[-1], a_sel, top_in_hw, onehot=neurons)
+            else:  # channel attention (purenn.arch.attention): its pooled path reaches every channel
+                gm = _attn_back_onehot(blk, m, a_sel, neurons, top_in_hw)
             if blk.downsample is None:
                 f = m.skip[0]
                 s_sel = a_sel if f is None else a_sel * _take(f, neurons)
                 skip = s_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
             else:
                 w_ds = rule.conv_weights(blk.downsample)
-                skip = _rule_back(blk.downsample, w_ds, m.skip, a_sel, m.in_hw, onehot=neurons)
+                skip = _rule_back(blk.downsample, w_ds, m.skip, a_sel, ds_hw, onehot=neurons)
         else:
             gs = g if m.out is None else g * m.out
-            gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs, top_in_hw)
+            gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn),
+                            top_in_hw)
             if blk.downsample is None:
                 skip = gs if m.skip[0] is None else gs * m.skip[0]
             else:
-                skip = _rule_back(blk.downsample, rule.conv_weights(blk.downsample), m.skip, gs, m.in_hw)
+                skip = _rule_back(blk.downsample, rule.conv_weights(blk.downsample), m.skip, gs, ds_hw)
+        if blk.down_pool is not None:
+            skip = blk.down_pool.backward(skip, m.in_hw)
         for i in range(n_main - 2, -1, -1):
             cb = blk.main[i]
             gm = _rule_back(cb, rule.conv_weights(cb), m.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
@@ -293,7 +318,7 @@ def block_masks(
     out = []
     for i, (blk, r) in enumerate(zip(blocks, recs)):
         f = block_factors(rule, blk, r, r.inp.dtype if dtype is None else dtype, top=i == len(blocks) - 1)
-        out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts]))
+        out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts], tuple(r.attn)))
     return out
 
 
@@ -381,9 +406,10 @@ def pair_relevance(
                 main=[*([None if t is None else t[si][None] for t in ts] for ts in top.main[:-1]),
                       [None if t is None else t[si, ni][None] for t in top.main[-1]]],
                 skip=[None if t is None else t[si, ni][None] for t in top.skip],
-                out=None,
+                out=None if top.out is None else top.out[si][None],
                 in_hw=top.in_hw,
                 act_hw=top.act_hw,
+                attn=tuple(t[si][None] for t in top.attn),
             )
         )
         a_sel = a_target[si, ni].clamp(min=0)[None]
@@ -475,7 +501,7 @@ def circuit_relevance(
     """Normalised circuit relevance ``(B, K, C_U)`` of neurons of ``layer`` on upstream channels.
 
     Args:
-        model: a torchvision ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
+        model: a torchvision or timm ResNet, or a :class:`~purenn.PurifiedModel` (its base model is used;
             for a purified layer its upstream and ``skip_aware`` setting are the defaults). A
             float16 or bfloat16 model is computed in float32 on a private copy (the result is float32).
         x: input batch ``(B, C, H, W)``, floating point (converted to the model's dtype); an empty
@@ -515,7 +541,7 @@ def circuit_relevance(
         model = _copy_module(model, lambda t: t.float() if t.is_floating_point() else t)
         spec = ResNetSpec(model)
         weight = next(model.parameters())
-    x = check_input(x, like=weight, channels=model.conv1.in_channels)
+    x = check_input(x, like=weight, channels=input_conv(model).in_channels)
     pos_l = spec.position(layer)
     up_name = upstream if upstream is not None else spec.default_upstream(layer)
     pos_u = spec.position(up_name)

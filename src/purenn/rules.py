@@ -267,6 +267,12 @@ def block_factors(
     if not rule.is_lrp:
         acts = [(a > 0).to(dtype) for a in rec.acts]
         return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype)}
+    if block.attn is not None or block.down_pool is not None:
+        raise ConfigError(
+            f"the {rule.name!r} rule supports residual blocks of convolutions, BatchNorm and ReLU; block "
+            f"{block.name} has a channel attention or an average-pool downsample (timm), which only the "
+            "'gradient' rule handles so far."
+        )
     xs = [rec.inp, *rec.acts]
     last = len(block.main) - 1
     if block.downsample is None:

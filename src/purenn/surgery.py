@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import as_int, check_int, check_memory
-from .arch import Block, BlockRecord, ResNetSpec
+from .arch import Block, BlockRecord, ResNetSpec, input_conv
 from .errors import ConfigError, LayerError
 from .gating import (
     ACTIVATION_GATES,
@@ -491,7 +491,7 @@ class PurifiedModel(nn.Module):
                 "(purenn.load_purified) or purify again to compute with it."
             )
         m = self.base_model
-        for name, t in (("conv1.weight", m.conv1.weight), ("fc.weight", getattr(m.fc, "weight", None))):
+        for name, t in (("conv1.weight", input_conv(m).weight), ("fc.weight", getattr(m.fc, "weight", None))):
             if t is not None and (t.dtype != ref.dtype or t.device != ref.device):
                 raise ConfigError(
                     f"the base model's {name} is {t.dtype} on {t.device} but the purified layers are {ref.dtype} "
@@ -523,7 +523,8 @@ class PurifiedModel(nn.Module):
     ):
         self._check_base()
         if not _is_exporting():
-            x = check_input(x, like=self.base_model.conv1.weight, channels=self.base_model.conv1.in_channels)
+            conv = input_conv(self.base_model)
+            x = check_input(x, like=conv.weight, channels=conv.in_channels)
             if x.shape[0] == 0:  # an empty batch: empty results of the right shapes, from one zero sample
                 logits, gates, feats = self._run(x.new_zeros((1, *x.shape[1:])), all_gates=all_gates, pool=pool,
                                                  select=select)

@@ -1,12 +1,16 @@
-"""Architecture support: recognise a torchvision ResNet, name its layers, run it block by block.
+"""The family-neutral description of a ResNet and its exact block-by-block replay.
 
-purenn never edits the model it is given. :class:`ResNetSpec` reads the structure of a
-torchvision :class:`~torchvision.models.ResNet` (any depth, width or group count, any stem) and
-replays its forward pass block by block with the model's own modules, so every activation is
-bit-identical to ``model(x)`` in eval mode. The replay always runs BatchNorm in inference form
-(with its running statistics), whatever mode the caller's model is in, and never updates those
-statistics. While replaying, it can record the activations after each ReLU of a block: the masks
-the explicit backward pass in :mod:`purenn.relevance` needs.
+purenn never edits the model it is given. :class:`ResNetSpec` reads the structure of a ResNet
+through the recogniser of its model family (:mod:`purenn.arch.torchvision` for torchvision's
+:class:`~torchvision.models.ResNet`, :mod:`purenn.arch.timm` for timm's
+:class:`timm.models.resnet.ResNet`), which turns every residual block into the same description
+(:class:`Block`: conv/BatchNorm pairs, an optional channel attention, an identity or downsample
+path, optionally average-pooled). It then replays the forward pass block by block with the model's
+own modules, so every activation is bit-identical to ``model(x)`` in eval mode. The replay always
+runs BatchNorm in inference form (with its running statistics), whatever mode the caller's model is
+in, and never updates those statistics. While replaying, it can record the activations after each
+ReLU of a block and the state of its attention: what the explicit backward pass in
+:mod:`purenn.relevance` needs. Relevance, gating and export never ask which family a block came from.
 
 Layer positions: position 0 is the stem output (module ``maxpool``, alias ``stem``); position
 ``j >= 1`` is the output of the ``j``-th residual block counted over all stages. A stage name
@@ -22,21 +26,33 @@ Example:
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .errors import LayerError, UnsupportedModelError
+from ..errors import LayerError, UnsupportedModelError
 
-__all__ = ["ConvBN", "Block", "BlockRecord", "ResNetSpec", "STEM_NAMES", "batch_norm_eval"]
+__all__ = [
+    "ConvBN",
+    "Block",
+    "BlockRecord",
+    "ResNetSpec",
+    "STEM_NAMES",
+    "STAGES",
+    "batch_norm_eval",
+    "run_eval",
+    "input_conv",
+    "check_bn",
+    "check_conv",
+]
 
 STEM_NAMES = ("maxpool", "stem")
-_STAGES = ("layer1", "layer2", "layer3", "layer4")
-_BN_TYPES = (nn.BatchNorm2d, FrozenBatchNorm2d)
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+_STAGES = STAGES
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,14 +89,36 @@ class ConvBN:
         return pads[0], pads[1]
 
 
+class Attention(Protocol):
+    """A channel attention inside a block's main path (see :mod:`purenn.arch.attention`)."""
+
+    def forward(self, z: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]: ...
+
+    def backward(self, g: Tensor, state: tuple[Tensor, ...]) -> Tensor: ...
+
+    def backward_onehot(self, a_sel: Tensor, neurons: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]: ...
+
+
+class DownsamplePool(Protocol):
+    """A pooling in front of the downsample convolution (see :mod:`purenn.arch.attention`)."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    def backward(self, g: Tensor, in_hw: tuple[int, int]) -> Tensor: ...
+
+
 @dataclass(frozen=True, eq=False)
 class Block:
-    """One residual block: its name, module and the conv/BN pairs of its main path, in order."""
+    """One residual block: its name, module, the conv/BN pairs of its main path in order, an optional
+    channel attention after the last pair (SE, ECA), and the downsample path (``None``: identity),
+    optionally behind a pooling (``down_pool``, timm's average-pool downsample)."""
 
     name: str
     module: nn.Module
     main: tuple[ConvBN, ...]
     downsample: ConvBN | None
+    attn: Attention | None = None
+    down_pool: DownsamplePool | None = None
 
     @property
     def in_channels(self) -> int:
@@ -96,12 +134,21 @@ class BlockRecord:
     """Activations recorded while replaying one block.
 
     ``inp`` is the block input, ``acts`` the outputs of the ReLUs inside the main path (one for a
-    BasicBlock, two for a Bottleneck), ``out`` the block output (after the final ReLU).
+    BasicBlock, two for a Bottleneck), ``out`` the block output (after the final ReLU), ``attn`` the
+    state the block's attention needs for its backward step (per-sample tensors, batch first; empty
+    without attention).
     """
 
     inp: Tensor
     acts: list[Tensor] = field(default_factory=list)
     out: Tensor | None = None
+    attn: tuple[Tensor, ...] = ()
+
+
+def _bn_types() -> tuple[type, ...]:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
 def batch_norm_eval(bn: nn.Module, x: Tensor) -> Tensor:
@@ -119,8 +166,38 @@ def batch_norm_eval(bn: nn.Module, x: Tensor) -> Tensor:
     return bn(x)  # FrozenBatchNorm2d (always inference form) or a subclass with its own forward
 
 
-def _check_bn(bn: nn.Module, where: str) -> None:
-    if not isinstance(bn, _BN_TYPES):
+def run_eval(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` in inference form: an ``nn.Sequential`` runs child by child, BatchNorm through
+    :func:`batch_norm_eval`; other modules are called as they are (callers admit only modules whose
+    output does not depend on their mode)."""
+    if type(module) is nn.Sequential:
+        for child in module:
+            x = run_eval(child, x)
+        return x
+    if isinstance(module, nn.BatchNorm2d):
+        return batch_norm_eval(module, x)
+    return module(x)
+
+
+def input_conv(model: nn.Module) -> nn.Conv2d:
+    """The model's first convolution (``conv1``, or the first of a deep stem ``conv1`` sequence).
+
+    Example:
+        >>> import torchvision
+        >>> input_conv(torchvision.models.resnet18()).in_channels
+        3
+    """
+    conv = getattr(model, "conv1", None)
+    while isinstance(conv, nn.Sequential) and len(conv):
+        conv = conv[0]
+    if not isinstance(conv, nn.Conv2d):
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Conv2d 'conv1' as its first layer.")
+    return conv
+
+
+def check_bn(bn: Any, where: str) -> None:
+    """Refuse anything but a BatchNorm2d/FrozenBatchNorm2d with running statistics."""
+    if not isinstance(bn, _bn_types()):
         raise UnsupportedModelError(
             f"{where} is a {type(bn).__name__}; purenn folds BatchNorm2d/FrozenBatchNorm2d into the "
             "convolutions and supports no other normalisation layer."
@@ -132,7 +209,8 @@ def _check_bn(bn: nn.Module, where: str) -> None:
         )
 
 
-def _check_conv(conv: nn.Module, where: str) -> None:
+def check_conv(conv: Any, where: str) -> None:
+    """Refuse anything but an ``nn.Conv2d`` with numeric zero padding."""
     if not isinstance(conv, nn.Conv2d):
         raise UnsupportedModelError(f"{where} is a {type(conv).__name__}, expected nn.Conv2d.")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -141,61 +219,51 @@ def _check_conv(conv: nn.Module, where: str) -> None:
         )
 
 
-def _parse_block(name: str, module: nn.Module) -> Block:
-    if isinstance(module, Bottleneck) or hasattr(module, "conv3"):
-        pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
-    elif isinstance(module, BasicBlock) or (hasattr(module, "conv2") and hasattr(module, "bn2")):
-        pairs = (("conv1", "bn1"), ("conv2", "bn2"))
-    else:
-        raise UnsupportedModelError(
-            f"block {name} is a {type(module).__name__}; purenn supports torchvision's BasicBlock and "
-            "Bottleneck residual blocks."
-        )
-    main = []
-    for conv_name, bn_name in pairs:
-        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        _check_conv(conv, f"{name}.{conv_name}")
-        _check_bn(bn, f"{name}.{bn_name}")
-        main.append(ConvBN(conv, bn))
-    if not isinstance(getattr(module, "relu", None), nn.ReLU):
-        raise UnsupportedModelError(f"block {name} has no nn.ReLU named 'relu'; other activations are not supported.")
-    down = getattr(module, "downsample", None)
-    ds = None
-    if down is not None:
-        if not (isinstance(down, nn.Sequential) and len(down) == 2):
-            raise UnsupportedModelError(
-                f"{name}.downsample must be nn.Sequential(conv1x1, BatchNorm2d) as in torchvision, "
-                f"got {type(down).__name__}."
-            )
-        _check_conv(down[0], f"{name}.downsample.0")
-        _check_bn(down[1], f"{name}.downsample.1")
-        ds = ConvBN(down[0], down[1])
-    block = Block(name, module, tuple(main), ds)
-    if ds is None and block.in_channels != block.out_channels:
-        raise UnsupportedModelError(f"block {name} changes channels without a downsample path.")
-    return block
+class Family(Protocol):
+    """What a model family's recogniser provides (:mod:`purenn.arch.torchvision`, :mod:`purenn.arch.timm`)."""
+
+    name: str
+
+    def check_model(self, model: nn.Module) -> None: ...
+
+    def parse_block(self, name: str, module: nn.Module) -> Block: ...
+
+    def stem(self, model: nn.Module, x: Tensor) -> Tensor: ...
+
+    def head(self, model: nn.Module, h: Tensor) -> Tensor: ...
+
+
+def family_of(model: nn.Module) -> Family:
+    """The recogniser for a model's family: timm when its class comes from timm, else torchvision
+    (timm is never imported unless the model's class comes from it)."""
+    timm_resnet = sys.modules.get("timm.models.resnet")  # loaded whenever a timm model exists
+    if type(model).__module__.split(".")[0] == "timm" or (
+            timm_resnet is not None and isinstance(model, timm_resnet.ResNet)):
+        from .timm import TIMM
+
+        return TIMM
+    from .torchvision import TORCHVISION
+
+    return TORCHVISION
 
 
 class ResNetSpec:
-    """The structure of a torchvision ResNet and an exact block-by-block replay of its forward.
+    """The structure of a ResNet and an exact block-by-block replay of its forward.
 
     Args:
-        model: any :class:`torchvision.models.ResNet` (resnet18-152, wide_resnet, resnext, adapted
-            stems). Its modules are used as they are; nothing is copied or changed.
+        model: any torchvision :class:`~torchvision.models.ResNet` (resnet18-152, wide_resnet,
+            resnext, adapted stems) or timm :class:`timm.models.resnet.ResNet` (resnet18-200,
+            ``c``/``d``/``s``/``t`` stems and average-pool downsamples, SE and ECA blocks, ResNeXt,
+            wide). Its modules are used as they are; nothing is copied or changed.
 
     Raises:
-        UnsupportedModelError: the model is not a torchvision-style ResNet.
+        UnsupportedModelError: the model is not a ResNet purenn can replay exactly; the message
+            names the module that is not supported.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        required = ("conv1", "bn1", "relu", "maxpool", *_STAGES, "avgpool", "fc")
-        missing = [n for n in required if not hasattr(model, n)]
-        if not isinstance(model, ResNet) and missing:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} is not a torchvision ResNet (missing {', '.join(missing)}). "
-                "purenn supports torchvision.models.ResNet and its variants (resnet18-152, "
-                "wide_resnet50_2/101_2, resnext50_32x4d/101_32x8d/101_64x4d, adapted stems)."
-            )
+        self.family = family_of(model)
+        self.family.check_model(model)
         self.model = model
         blocks: list[Block] = []
         self._stage_last: dict[str, int] = {}
@@ -204,7 +272,7 @@ class ResNetSpec:
             if not isinstance(seq, nn.Sequential) or len(seq) == 0:
                 raise UnsupportedModelError(f"model.{stage} must be a non-empty nn.Sequential of residual blocks.")
             for b, module in enumerate(seq):
-                blocks.append(_parse_block(f"{stage}.{b}", module))
+                blocks.append(self.family.parse_block(f"{stage}.{b}", module))
             self._stage_last[stage] = len(blocks)
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self._by_name = {blk.name: i + 1 for i, blk in enumerate(self.blocks)}
@@ -213,6 +281,11 @@ class ResNetSpec:
     @property
     def n_positions(self) -> int:
         return len(self.blocks) + 1
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input image."""
+        return int(input_conv(self.model).in_channels)
 
     def layer_names(self) -> list[str]:
         """Every accepted layer name: the stem, the stages and the blocks."""
@@ -268,16 +341,17 @@ class ResNetSpec:
 
     # ------------------------------------------------------------------ forward replay
     def stem(self, x: Tensor) -> Tensor:
-        m = self.model
-        return m.maxpool(m.relu(batch_norm_eval(m.bn1, m.conv1(x))))
+        """The stem's output (position 0) in inference form."""
+        return self.family.stem(self.model, x)
 
     def head(self, h: Tensor) -> Tensor:
-        m = self.model
-        return m.fc(torch.flatten(m.avgpool(h), 1))
+        """The logits from the last block's output (global pooling and classifier)."""
+        return self.family.head(self.model, h)
 
     @staticmethod
     def block_forward(block: Block, x: Tensor, record: bool = False) -> tuple[Tensor, BlockRecord | None]:
-        """Run one block exactly as torchvision does, optionally recording its ReLU outputs."""
+        """Run one block exactly as its own forward does, optionally recording its ReLU outputs and
+        its attention's state."""
         rec = BlockRecord(x) if record else None
         h = x
         last = len(block.main) - 1
@@ -287,14 +361,22 @@ class ResNetSpec:
                 h = torch.relu(h)
                 if rec is not None:
                     rec.acts.append(h)
-        identity = x if block.downsample is None else batch_norm_eval(block.downsample.bn, block.downsample.conv(x))
+        if block.attn is not None:
+            h, state = block.attn.forward(h)
+            if rec is not None:
+                rec.attn = state
+        if block.downsample is None:
+            identity = x
+        else:
+            skip = x if block.down_pool is None else block.down_pool.forward(x)
+            identity = batch_norm_eval(block.downsample.bn, block.downsample.conv(skip))
         out = torch.relu(h + identity)
         if rec is not None:
             rec.out = out
         return out, rec
 
     def forward(self, x: Tensor) -> Tensor:
-        """Replay the whole model; equals ``model(x)`` bit for bit for a torchvision ResNet."""
+        """Replay the whole model; equals ``model(x)`` bit for bit for a supported ResNet."""
         h = self.stem(x)
         for blk in self.blocks:
             h, _ = self.block_forward(blk, h)

@@ -1,0 +1,41 @@
+"""Architecture support: recognise a ResNet, name its layers, run it block by block.
+
+Block recognition lives per model family side by side, each turning its blocks into the same
+description (:class:`Block`): :mod:`purenn.arch.torchvision` (torchvision's ResNet) and
+:mod:`purenn.arch.timm` (timm's ResNet, imported only for a model whose class comes from timm).
+:mod:`purenn.arch.attention` holds the channel attentions (SE, ECA) and the pooled downsample with
+their exact backward steps; :mod:`purenn.arch.core` the description and :class:`ResNetSpec`, the
+exact block-by-block replay every other module uses.
+
+Example:
+    >>> import torchvision
+    >>> spec = ResNetSpec(torchvision.models.resnet18())
+    >>> spec.position("layer4"), spec.position("layer4.0"), spec.default_upstream("layer4")
+    (8, 7, 'layer3')
+"""
+
+from .core import (
+    STAGES,
+    STEM_NAMES,
+    Block,
+    BlockRecord,
+    ConvBN,
+    ResNetSpec,
+    batch_norm_eval,
+    family_of,
+    input_conv,
+    run_eval,
+)
+
+__all__ = [
+    "ConvBN",
+    "Block",
+    "BlockRecord",
+    "ResNetSpec",
+    "STEM_NAMES",
+    "STAGES",
+    "batch_norm_eval",
+    "run_eval",
+    "input_conv",
+    "family_of",
+]
