@@ -282,3 +282,28 @@ def test_purify_concept_centroids_are_mass_weighted_zennit_circuits():
         a = _output_of(m64, "layer4", group.double())[:, chans].clamp(min=0).sum(dim=(2, 3))
         expect = (r * a[:, :, None]).sum(0) / a.sum(0)[:, None]
         torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)
+
+
+def test_timm_blocks_without_attention_take_the_rules_and_attention_is_refused():
+    """A timm resnet18 holds torchvision's state_dict layout: under every rule its relevance equals the
+    torchvision model's with the same weights (which the tests above hold against zennit); blocks with
+    a channel attention (SE) are refused by the LRP rules, not computed wrongly."""
+    timm = pytest.importorskip("timm")
+    import torchvision
+
+    from conftest import calibrate_bn
+
+    torch.manual_seed(0)
+    tm = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    tm = calibrate_bn(tm, torch.rand(8, 3, 32, 32)).double()
+    tv = torchvision.models.resnet18(num_classes=3).double().eval()
+    tv.load_state_dict(tm.state_dict())
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for rule in LRP_RULES:
+        a = purenn.circuit_relevance(tm, x, "layer3", [0, 7], rule=rule)
+        b = purenn.circuit_relevance(tv, x, "layer3", [0, 7], rule=rule)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    se = timm.create_model("seresnet18", pretrained=False, num_classes=3).eval()
+    with pytest.raises(ConfigError, match="'epsilon' rule .* channel attention"):
+        purenn.circuit_relevance(se, torch.rand(1, 3, 32, 32), "layer3", [0], rule="epsilon")
+    assert purenn.circuit_relevance(se, torch.rand(1, 3, 32, 32), "layer3", [0]).shape == (1, 1, 128)
