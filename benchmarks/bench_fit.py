@@ -20,6 +20,13 @@ the reference collection and clustering that both approaches need.
     python benchmarks/bench_fit.py                          # resnet50 layer4, 16 neurons x 16 refs, 112x112
     python benchmarks/bench_fit.py --neurons 2048 --refs 100 --data 1000 --reference-neurons 16 --no-flops
     python benchmarks/bench_fit.py --smoke                  # seconds; used by CI
+
+With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.rules`) the script instead times
+``purify_model`` with the gradient rule and each named rule in alternating rounds on the same
+setting and reports the relevance-stage and whole-fit times per rule and their ratios to the
+gradient's (the per-neuron reference is the gradient's and is skipped):
+
+    python benchmarks/bench_fit.py --rule epsilon,zplus,alpha2beta1,gamma --rounds 3
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -130,12 +138,37 @@ class StageTimer:
             setattr(purify_module, name, fn)
 
 
-def purify(model, data, a, neurons, upstream):
+def purify(model, data, a, neurons, upstream, rule="gradient"):
     return purenn.purify_model(
         model, [a.layer], data, n_refs=a.refs, neurons={a.layer: neurons}, upstream={a.layer: upstream},
         skip_aware=False, batch_size=a.batch_size, progress=False, max_memory=a.max_memory_mb * 2**20,
-        cache_memory=a.cache_memory_mb * 2**20,
+        cache_memory=a.cache_memory_mb * 2**20, rule=rule,
     )
+
+
+def compare_rules(model, data, a, neurons, upstream, rules: list[str]) -> dict:
+    """Median relevance-stage and whole-fit times per rule over alternating rounds, with ratios to
+    the gradient rule's (same model, data, neurons and references)."""
+    rules = ["gradient", *[r for r in rules if r != "gradient"]]
+    rel: dict[str, list[float]] = {r: [] for r in rules}
+    tot: dict[str, list[float]] = {r: [] for r in rules}
+    purify(model, data, a, neurons, upstream)  # warm-up
+    for _ in range(a.rounds):
+        for rule in rules:
+            with StageTimer() as timer:
+                t0 = time.perf_counter()
+                purify(model, data, a, neurons, upstream, rule)
+                tot[rule].append(time.perf_counter() - t0)
+            rel[rule].append(timer.seconds["relevance"])
+    res = {"model": a.model, "layer": a.layer, "upstream": upstream, "neurons": a.neurons, "refs": a.refs,
+           "size": a.size, "data": a.data, "rounds": a.rounds, "torch_threads": torch.get_num_threads()}
+    g_rel, g_tot = statistics.median(rel["gradient"]), statistics.median(tot["gradient"])
+    for rule in rules:
+        r_rel, r_tot = statistics.median(rel[rule]), statistics.median(tot[rule])
+        res[rule] = {"relevance_s": round(r_rel, 3), "total_fit_s": round(r_tot, 3),
+                     "relevance_over_gradient": round(r_rel / g_rel, 3),
+                     "total_fit_over_gradient": round(r_tot / g_tot, 3)}
+    return res
 
 
 def main(argv=None) -> dict:
@@ -157,6 +190,9 @@ def main(argv=None) -> dict:
         "loop whose iterations all cost the same)",
     )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (they rerun the relevance stage)")
+    p.add_argument("--rule", default="gradient", help="comma-separated relevance rules to time against the "
+                   "gradient rule (see purenn.rules); 'gradient' alone runs the reference comparison")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per rule with --rule")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
@@ -169,6 +205,16 @@ def main(argv=None) -> dict:
     spec = ResNetSpec(model)
     upstream = a.upstream or spec.default_upstream(a.layer)
     neurons = list(range(a.neurons))
+    rules = [r for r in a.rule.split(",") if r]
+    if rules != ["gradient"]:
+        if a.smoke:
+            a.rounds = 1
+        res = compare_rules(model, data, a, neurons, upstream, rules)
+        print(json.dumps(res, indent=2))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
     rss_before = rss_mb()
 
     with StageTimer() as timer:

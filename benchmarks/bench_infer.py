@@ -16,6 +16,13 @@ agree.
 
     python benchmarks/bench_infer.py                     # resnet50, 112x112, batch 8, K = 8, 32, 128
     python benchmarks/bench_infer.py --smoke             # seconds; used by CI
+
+With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.rules`) it purifies the same neurons
+with the gradient rule and each named rule and times the base model and every purified model in
+alternating rounds, reporting per rule the gated time and overhead and their ratios to the
+gradient's (no FLOP counts or ONNX timing in this mode):
+
+    python benchmarks/bench_infer.py --rule epsilon,zplus,alpha2beta1,gamma --k 32
 """
 
 from __future__ import annotations
@@ -81,6 +88,43 @@ def onnx_vs_eager(pm, x, layer: str, repeat: int) -> dict:
     }
 
 
+def timeit_all(fns: dict, repeat: int) -> dict[str, float]:
+    """Median time of each function, all run in turn in every round (same machine load)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compare_rules(model, data, x, layer: str, up: str, k: int, rules: list[str], a) -> dict:
+    """Gated inference (logits, gates and pooled pure features of all K neurons) per rule, timed
+    against the base model and the gradient rule in alternating rounds."""
+    rules = ["gradient", *[r for r in rules if r != "gradient"]]
+    pms = {
+        r: purenn.purify_model(model, [layer], data, n_refs=4, neurons={layer: list(range(k))}, progress=False,
+                               cache_memory=0, rule=r)
+        for r in rules
+    }
+    fns = {"base": lambda: model(x)}
+    for r, pm in pms.items():
+        fns[r] = lambda pm=pm: pm._run(x, all_gates=True, pool="mean")
+    with torch.no_grad():
+        t = timeit_all(fns, a.repeat)
+    row = {"model": a.model, "layer": layer, "upstream": up, "K": k, "batch": a.batch, "size": a.size,
+           "repeat": a.repeat, "t_base_ms": round(1e3 * t["base"], 1)}
+    g_pure, g_over = t["gradient"], t["gradient"] - t["base"]
+    for r in rules:
+        row[r] = {"t_purified_ms": round(1e3 * t[r], 1), "overhead_ms": round(1e3 * (t[r] - t["base"]), 1),
+                  "purified_over_gradient": round(t[r] / g_pure, 3),
+                  "overhead_over_gradient": round((t[r] - t["base"]) / g_over, 3)}
+    return row
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50")
@@ -90,6 +134,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX Runtime comparison")
+    p.add_argument("--rule", default="gradient", help="comma-separated relevance rules to time against the "
+                   "gradient rule (see purenn.rules)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -114,6 +160,13 @@ def main(argv=None) -> list[dict]:
                 h = b.module(h)
             return h
 
+        rules = [r for r in a.rule.split(",") if r]
+        if rules != ["gradient"]:
+            for k in [int(v) for v in a.k.split(",")]:
+                row = compare_rules(model, data, x, layer, up, k, rules, a)
+                print(json.dumps(row))
+                rows.append(row)
+            continue
         with torch.no_grad():
             f_seg = count_flops(segment)
         for k in [int(v) for v in a.k.split(",")]:

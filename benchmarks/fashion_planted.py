@@ -57,6 +57,7 @@ from purenn.fitting import fit_circuits
 from purenn.metrics import disentanglement, held_out_references, label_mix, paired_test, score_auroc
 from purenn.probe import extract_features, fit_probe
 from purenn.purify import LayerPlan
+from purenn.rules import RULES, get_rule
 from purenn.unlearn import find_concept_neurons, unlearning_report
 
 HERE = Path(__file__).resolve().parent
@@ -81,12 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-neurons", type=int, default=None, help="evaluate at most this many mixed neurons")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--rule", default="gradient", choices=tuple(RULES),
+                   help="relevance rule of the circuits (purenn.rules; default gradient, PURE's)")
     a = p.parse_args(argv)
     if a.smoke:
         a.n_train, a.n_fit, a.n_test, a.n_refs = 1500, 600, 600, 16
         a.probe_neurons, a.probe_train, a.probe_test, a.unlearn_test = 16, 300, 300, 300
         a.max_neurons = a.max_neurons or 12
-    a.out = Path(a.out) if a.out else HERE / "results" / ("fashion_planted_smoke" if a.smoke else "fashion_planted")
+    suffix = "" if a.rule == "gradient" else f"_{a.rule}"
+    a.out = Path(a.out) if a.out else HERE / "results" / (("fashion_planted_smoke" if a.smoke else "fashion_planted")
+                                                          + suffix)
     return a
 
 
@@ -183,7 +188,7 @@ def score_validation(model, fit, refs_fit, mixed_fit, a) -> dict:
     out = {}
     for key, layer, up, skip in (("layer4", "layer4", "layer3", False), ("layer4.1", "layer4.1", "layer4.0", True)):
         pos, up_pos = spec.position(layer), spec.position(up)
-        plan = LayerPlan(layer, up, pos, up_pos, tuple(range(spec.channels(pos))), skip)
+        plan = LayerPlan(layer, up, pos, up_pos, tuple(range(spec.channels(pos))), skip, get_rule(a.rule))
         t = time.time()
         circ = fit_circuits(spec, DataSource.from_data(fit, 256), [plan], {layer: refs_fit}, a.n_refs, batch_size=256,
                             device=None, max_memory=512 * 2**20, progress=False)[layer].numpy()
@@ -221,7 +226,7 @@ def disentangle(model, fit_sub, test, refs_test, channels, planted_ch, a) -> tup
             key = f"{level} | {name}"
             t = time.time()
             pm = purenn.purify_model(model, [layer], fit_sub, n_refs=a.n_refs, neurons={layer: channels},
-                                     progress=False, seed=a.seed, **kw)
+                                     progress=False, seed=a.seed, rule=a.rule, **kw)
             rep = disentanglement(pm, layer, test, test.fine, channels=channels, refs=refs_test,
                                   min_share=a.min_share)
             per = {n.channel: n for n in rep.neurons}
@@ -272,7 +277,7 @@ def summarise(results: dict, planted_ch: list[int]) -> dict:
 
 def probe(model, fit, train, test, top, a) -> dict:
     pm = purenn.purify_model(model, ["layer4"], fit, n_refs=a.n_refs, neurons={"layer4": top}, progress=False,
-                             seed=a.seed)
+                             seed=a.seed, rule=a.rule)
     ptr = train.subset(range(a.n_fit, min(len(train), a.n_fit + a.probe_train)))
     pte = test.head(a.probe_test)
     t = time.time()

@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None):
         raise SystemExit(f"--seeds needs at least two distinct seeds, got {mine.seeds!r}")
     a = fp.parse_args(rest)
     if "--out" not in rest:
-        a.out = HERE / "results" / ("fashion_planted_seeds_smoke" if a.smoke else "fashion_planted_seeds")
+        suffix = "" if a.rule == "gradient" else f"_{a.rule}"
+        a.out = HERE / "results" / (("fashion_planted_seeds_smoke" if a.smoke else "fashion_planted_seeds") + suffix)
     a.seeds, a.from_runs = seed_list, mine.from_runs
     return a
 

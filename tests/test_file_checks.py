@@ -131,7 +131,7 @@ def _layer(config, name):
     (lambda c: _layer(c, "layer4.1")["config"].update(skip_aware=1), "'skip_aware' is 1"),
     (lambda c: _layer(c, "layer3")["config"].update(gate_weight=float("nan")), "'gate_weight' is nan"),
     (lambda c: _layer(c, "layer3")["config"].update(gate_weight=-1), "'gate_weight' is -1"),
-    (lambda c: _layer(c, "layer3")["config"].update(rule="lrp"), "'rule' is 'lrp'; it must be 'gradient'"),
+    (lambda c: _layer(c, "layer3")["config"].update(rule="lrp"), "'rule' is 'lrp'; it must be one of 'gradient'"),
     (lambda c: _layer(c, "layer3")["config"].update(channels="256"), "'channels' is '256'; it must be a positive"),
     (lambda c: _layer(c, "layer3")["config"].update(channels=128), "merge_weight of 'layer3' has shape"),
     (lambda c: _layer(c, "layer3")["config"].update(upstream="layer3"), "upstream 'layer3' is not before"),

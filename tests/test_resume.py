@@ -101,6 +101,7 @@ def other_model():
 @pytest.mark.parametrize("change, what", [
     ({"n_refs": 5}, "arguments"),
     ({"seed": 1}, "arguments"),
+    ({"rule": "epsilon"}, "arguments"),
     ({"data": _resume_worker.data()[:40]}, "data_length"),
     ({"data": _resume_worker.data().flip(0)}, "data_sha256"),
     ({"model": other_model()}, "model_sha256"),

@@ -4,7 +4,7 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.gating` and :mod:`purenn.cluster` re-export them.
 """
 
-__all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "MAX_DPI"]
+__all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "MAX_DPI", "RULES"]
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
@@ -18,3 +18,5 @@ PRECISIONS = ("float32", "tf32", "bf16")
 #: neurons that mix two classes higher than the silhouette (AUROC 0.872 vs 0.662 over four Fashion-MNIST models
 #: at layer4, 0.902 vs 0.665 at layer4.1; README, "Probing, unlearning and disentanglement on Fashion-MNIST")
 DEFAULT_SCORE = "contrast"
+#: relevance rules of :mod:`purenn.rules` (PURE's gradient, then zennit's LRP rules)
+RULES = ("gradient", "epsilon", "zplus", "alpha2beta1", "gamma")

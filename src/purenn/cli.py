@@ -262,6 +262,13 @@ def _check_accuracy(args: argparse.Namespace, model: Any, data: LoadedData, n: i
 
 
 # ============================================================================================ output
+def _rule_text(config: Any) -> str:
+    """A rule config as text: its name, with parameters when they are not zennit's defaults."""
+    if isinstance(config, dict):
+        return config["name"] + "(" + ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") + ")"
+    return str(config)
+
+
 def _table(rows: list[list[Any]], headers: list[str]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -359,7 +366,7 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             model, layers, data.dataset, n_refs=args.n_refs, n_clusters=n_clusters, neurons=neurons,
             max_clusters=args.max_clusters, gate=args.gate, gate_weight=args.gate_weight, score=args.score,
             batch_size=args.batch_size, device=device, progress=not args.quiet, seed=args.seed,
-            workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir,
+            workers=args.workers, precision=args.precision, checkpoint_dir=args.checkpoint_dir, rule=args.rule,
         )
         pm.reference_data = {**(pm.reference_data or {}), "options": _data_options(args, data)}
         pm.to("cpu")
@@ -403,7 +410,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     layers = []
     for name in pm.layers:
         pl = pm.pure_layer(name)
-        layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "skip_aware": pl.skip_aware,
+        layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "rule": pl.rule.config(),
+                       "skip_aware": pl.skip_aware,
                        "channels": pl.channels, "fitted": len(pl.neurons), "split": int((pl.n_clusters > 1).sum()),
                        "virtual": pl.n_virtual, "suppressed": int((pl.merge_weight == 0).sum())})
     neurons = _neuron_rows(pm, args.top)
@@ -426,11 +434,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
               f"{arch.get('num_classes')} classes, {arch.get('in_channels')} input channel(s), stem {kernel} "
               f"stride {(stem.get('stride') or ['?'])[0]} {pool}")
     print()
-    print(_table([[r["layer"], r["upstream"], r["gate"], "yes" if r["skip_aware"] else "no", r["channels"],
-                   r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
-                 ["layer", "upstream", "gate", "skip-aware", "channels", "fitted", "purified", "virtual",
+    print(_table([[r["layer"], r["upstream"], r["gate"], _rule_text(r["rule"]), "yes" if r["skip_aware"] else "no",
+                   r["channels"], r["fitted"], r["split"], r["virtual"], r["suppressed"]] for r in layers],
+                 ["layer", "upstream", "gate", "rule", "skip-aware", "channels", "fitted", "purified", "virtual",
                   "suppressed"]))
-    print("  fitted: channels kept after clustering their references' circuits\n"
+    print("  rule: the relevance rule of the circuits (gradient: PURE's; the others are zennit's LRP rules)\n"
+          "  fitted: channels kept after clustering their references' circuits\n"
           "  purified: fitted channels split into 2 or more virtual neurons\n"
           "  virtual: the layer's virtual neurons (the purified channels' parts, plus one per channel left whole)\n"
           "  suppressed: virtual neurons switched off")
@@ -618,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["inspect", "pure.safetensors", "--top", "3"]).top
         3
     """
-    from ._choices import DEFAULT_SCORE, GATES, PRECISIONS, SCORES
+    from ._choices import DEFAULT_SCORE, GATES, PRECISIONS, RULES, SCORES
 
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="purenn", description=_DESCRIPTION, epilog=_EPILOG, formatter_class=fmt)
@@ -659,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what selects the virtual neuron (default circuit: PURE; the others are baselines)")
     g.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")
+    g.add_argument("--rule", default="gradient", choices=RULES,
+                   help="relevance rule of the circuits: gradient (PURE's, default) or one of zennit's LRP rules "
+                   "with zennit's default parameters")
     g.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
                    help=f"polysemanticity score that ranks neurons for --neurons N (default {DEFAULT_SCORE})")
     g.add_argument("--batch-size", type=int, default=64, metavar="N")

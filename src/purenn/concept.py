@@ -35,7 +35,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from .errors import ConfigError, DataError, LayerError
 from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, gate_features
 from .purify import _check_forward, _check_int, _inference_form, _model_device, _plan_layers
 from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
+from .rules import Rule, get_rule
 from .surgery import PureLayer, PurifiedModel
 
 __all__ = [
@@ -206,6 +207,7 @@ def concept_gate_features(
     gate_weight: float = 0.5,
     skip_aware: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rule: str | Rule = "gradient",
 ) -> tuple[Tensor, Tensor]:
     """Gate features ``(B, K, D)`` of ``neurons`` on ``x`` and their activation mass ``(B, K)``.
 
@@ -225,7 +227,7 @@ def concept_gate_features(
         mass = a_t[:, nt].clamp(min=0).sum(dim=(-2, -1))
         if circuit:
             raw = grid_relevance(spec.segment(up, pos), [recs[j] for j in range(up + 1, pos + 1)], acts[up], a_t,
-                                 nt, max_memory)
+                                 nt, max_memory, rule)
             feat = normalize_relevance(raw, nt, drop_self=skip_aware)
             if gate == "circuit+map":
                 feat = combine_features(feat, gate_features("map", acts[up], a_t, nt), gate_weight)
@@ -271,7 +273,7 @@ def _features_of(
     for _, x in source.batches():
         f, m = concept_gate_features(
             base, x.to(device), plan.layer, plan.neurons, upstream=plan.upstream, gate=gate, gate_weight=gate_weight,
-            skip_aware=plan.skip_aware and gate in CIRCUIT_GATES, max_memory=max_memory,
+            skip_aware=plan.skip_aware and gate in CIRCUIT_GATES, max_memory=max_memory, rule=plan.rule,
         )
         feats.append(f.cpu())
         masses.append(m.cpu())
@@ -295,6 +297,7 @@ def purify_concept(
     device: torch.device | str | None = None,
     max_memory: int = DEFAULT_MAX_MEMORY,
     seed: int = 0,
+    rule: str | Rule = "gradient",
 ) -> PurifiedModel:
     """Split the neurons that carry a concept into a concept virtual neuron and the rest.
 
@@ -329,6 +332,7 @@ def purify_concept(
         device: must be the model's device if given (the model is not moved).
         max_memory: bytes of intermediate tensors per relevance chunk.
         seed: k-means seed for ``rest_clusters > 1``.
+        rule: relevance rule of the circuit gate, as in :func:`purenn.purify_model`.
 
     Returns:
         A :class:`~purenn.PurifiedModel` whose purified neurons each have the virtual neurons
@@ -365,6 +369,7 @@ def purify_concept(
             raise ConfigError(f"neurons for {n!r} must be a count or a list of channels, got {v!r}.")
     plans = _plan_layers(spec, names, {n: list(range(spec.channels(spec.position(n)))) for n in names},
                          upstream, skip_aware)
+    plans = [replace(p, rule=get_rule(rule)) for p in plans]
     c_src = _images(concept, "concept", batch_size)
     o_src = _images(other, "other", batch_size)
     device = _device(base, device)
@@ -384,7 +389,7 @@ def purify_concept(
                 chosen = sorted({int(c) for c in want})
                 if not chosen or chosen[0] < 0 or chosen[-1] >= spec.channels(p.position):
                     raise ConfigError(f"channels of {p.layer!r} must be in 0..{spec.channels(p.position) - 1}.")
-            p = type(p)(p.layer, p.upstream, p.position, p.up_position, tuple(chosen), p.skip_aware)
+            p = replace(p, neurons=tuple(chosen))
             fc, mc = _features_of(base, c_src, p, gate, gate_weight, device, int(max_memory))
             fo, mo = _features_of(base, o_src, p, gate, gate_weight, device, int(max_memory))
             rest = _rest_centroids(fo, mo, rest_clusters, seed)  # (K, R, D)
@@ -401,7 +406,7 @@ def purify_concept(
                     layer=p.layer, upstream=p.upstream, channels=spec.channels(p.position), neurons=list(chosen),
                     centroids=centroids.to(dtype), n_clusters=torch.full((k,), n_cl, dtype=torch.long),
                     scores=effect.float(), ref_counts=counts, skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
-                    gate=gate, gate_weight=gate_weight,
+                    rule=p.rule, gate=gate, gate_weight=gate_weight,
                 ).to(device)
             )
     return PurifiedModel(base, layers_out, max_memory=int(max_memory))

@@ -346,7 +346,7 @@ def _onnx_metadata(pm: PurifiedModel, pool: str | None, shape: tuple[int, int, i
         pl = pm.pure_layer(name)
         gated = pl.neurons[pl.gated_neurons(subset_only=outputs == ("logits",))]
         layers.append({
-            "layer": name, "upstream": pl.upstream, "neurons": pl.neurons.tolist(),
+            "layer": name, "upstream": pl.upstream, "rule": pl.rule.config(), "neurons": pl.neurons.tolist(),
             "n_clusters": pl.n_clusters.tolist(), "virtual_channels": pl.v_channel.tolist(),
             "suppressed": torch.nonzero(pl.merge_weight == 0).flatten().tolist(),
             "gated": gated.tolist(),
@@ -378,7 +378,7 @@ def _gate_distances(pm: PurifiedModel, x: Tensor, layer: str) -> Tensor:
             recs.append(rec)
         gate = getattr(pl, "gate", "circuit")
         if gate == "circuit":
-            raw = grid_relevance(blocks, recs, a_up, h, pl.neurons, pm.max_memory)
+            raw = grid_relevance(blocks, recs, a_up, h, pl.neurons, pm.max_memory, pl.rule)
             feat = normalize_relevance(raw, pl.neurons, drop_self=pl.skip_aware)
         else:
             from .gating import gate_features

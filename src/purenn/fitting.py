@@ -21,6 +21,7 @@ from .distributed import all_gather_object, all_reduce_sum, shard_range, world_i
 from .precision import relevance_precision
 from .progress import stage_bar
 from .relevance import normalize_relevance, pair_relevance
+from .rules import Rule
 
 __all__ = ["fit_circuits"]
 
@@ -31,6 +32,7 @@ class _Plan(Protocol):
     up_position: int
     neurons: tuple[int, ...]
     skip_aware: bool
+    rule: Rule
 
     def blocks(self, spec: ResNetSpec) -> tuple[Block, ...]: ...
 
@@ -145,6 +147,7 @@ def fit_circuits(
                         local,
                         neurons,
                         max_memory,
+                        p.rule,
                     )
                 r = normalize_relevance(r.to(dtype), neurons, drop_self=p.skip_aware)
                 out[p.layer][order[a:b].to(store)] = r.to(store)

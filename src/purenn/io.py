@@ -62,6 +62,7 @@ from .gating import CIRCUIT_GATES
 from .purify import _check_device
 from .refdata import validate_record
 from .relevance import has_identity_path
+from .rules import RULES, rule_from_config
 from .surgery import PureLayer, PurifiedModel
 
 __all__ = [
@@ -631,8 +632,11 @@ def _check_layer_config(path: Path, cfg: Mapping[str, Any]) -> None:
         raise bad("channels", "a positive integer")
     if "skip_aware" in cfg and not isinstance(cfg["skip_aware"], bool):
         raise bad("skip_aware", "true or false")
-    if "rule" in cfg and cfg["rule"] != "gradient":
-        raise bad("rule", "'gradient'")
+    if "rule" in cfg:
+        try:
+            rule_from_config(cfg["rule"])
+        except ConfigError:
+            raise bad("rule", f"one of {', '.join(repr(r) for r in RULES)} or such a rule's parameters") from None
     if "gate" in cfg and not isinstance(cfg["gate"], str):
         raise bad("gate", "a gate name")
     w = cfg.get("gate_weight", 0.5)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from .precision import check_precision
 from .refdata import fingerprint_references
 from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
 from .resume import Checkpoint, run_fingerprint
+from .rules import Gradient, Rule, get_rule
 from .surgery import PureLayer, PurifiedModel, _copy_module
 
 __all__ = ["purify_model", "LayerPlan", "DEFAULT_CACHE_MEMORY"]
@@ -48,6 +49,7 @@ class LayerPlan:
     up_position: int
     neurons: tuple[int, ...]
     skip_aware: bool
+    rule: Rule = Gradient()
 
     def blocks(self, spec: ResNetSpec) -> tuple[Block, ...]:
         return spec.segment(self.up_position, self.position)
@@ -246,6 +248,7 @@ def purify_model(
     precision: str = "float32",
     workers: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    rule: str | Rule = "gradient",
 ) -> PurifiedModel:
     """Split neurons of a trained ResNet into pure virtual neurons (PURE).
 
@@ -308,6 +311,11 @@ def purify_model(
             again with the same arguments, model and data continues where an interrupted run
             stopped and gives the same result. Other arguments or data are refused with a
             :class:`ConfigError`. See :mod:`purenn.resume`.
+        rule: relevance rule of the circuits: ``"gradient"`` (PURE's gradient x activation, the
+            default) or one of zennit's LRP rules ``"epsilon"``, ``"zplus"``, ``"alpha2beta1"``,
+            ``"gamma"`` (zennit's default parameters), or a :class:`purenn.rules.Rule` such as
+            ``purenn.rules.Epsilon(epsilon=0.01)``. Stored in the purified layers and the file, and
+            used by the gates and the exported graph.
 
     Under torch.distributed (a default process group is initialised, e.g. by ``torchrun``) the
     work is split across ranks and every rank returns the same model, equal to the single-process
@@ -345,7 +353,8 @@ def purify_model(
     cache_memory = _check_int("cache_memory", cache_memory, 0)
     max_memory = check_memory("max_memory", max_memory)
     neurons, top = _split_neuron_request(spec, layers, neurons)
-    plans = _plan_layers(spec, layers, neurons, upstream, skip_aware)
+    rule = get_rule(rule)
+    plans = [replace(p, rule=rule) for p in _plan_layers(spec, layers, neurons, upstream, skip_aware)]
     if data is None:
         raise DataError("purify_model needs data to find each neuron's reference samples.")
     if is_distributed() and isinstance(getattr(data, "dataset", data), IterableDataset):
@@ -366,7 +375,7 @@ def purify_model(
         layers=layers, n_refs=n_refs, n_clusters=n_clusters, neurons=neurons, top=top, upstream=upstream,
         skip_aware=skip_aware, max_clusters=max_clusters, gate=gate, gate_weight=gate_weight, score=score,
         batch_size=batch_size, seed=seed, precision=precision, max_memory=max_memory, device=device.type,
-        dtype=str(next(model.parameters()).dtype),
+        dtype=str(next(model.parameters()).dtype), rule=rule.config(),
     )
     if world > 1:
         _check_same_run(model, len(source), args_text)
@@ -436,6 +445,7 @@ def purify_model(
                 ref_indices=refs[p.layer].indices[chosen],
                 ref_clusters=torch.as_tensor(km.labels_[keep]),
                 skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
+                rule=rule,
                 gate=gate,
                 gate_weight=gate_weight,
             ).to(device)

@@ -1,4 +1,7 @@
-"""Circuit relevance as plain forward ops (PURE's "gradient" rule), batched over (sample, neuron) pairs.
+"""Circuit relevance as plain forward ops, batched over (sample, neuron) pairs.
+
+PURE's "gradient" rule is described here; zennit's LRP rules (:mod:`purenn.rules`) run through
+the same :func:`segment_backward` with their own factors and modified weights.
 
 For a neuron ``k`` of a target layer L and an upstream layer U, PURE starts a backward pass at L
 with the initial gradient ``e_k * clamp(a_k, min=0)``, propagates it through the residual blocks
@@ -28,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from ._validate import as_int, check_memory
 from .arch import Block, BlockRecord, ConvBN, ResNetSpec, input_conv
 from .errors import ConfigError, DataError, LayerError
+from .rules import Rule, block_factors, get_rule
 
 __all__ = [
     "EPS",
@@ -59,22 +63,48 @@ DEFAULT_MAX_MEMORY = 512 * 2**20  # bytes of intermediate tensors per relevance 
 
 @dataclass(eq=False)
 class SegmentMasks:
-    """ReLU masks of one block, each shaped ``(N, G or 1, C, H, W)``, and the spatial sizes the
-    transposed convolutions must restore."""
+    """Per-sample tensors of one block, each shaped ``(N, G or 1, C, H, W)``, that the backward pass
+    multiplies in (from :func:`purenn.rules.block_factors`), and the spatial sizes the transposed
+    convolutions must restore.
 
-    acts: list[Tensor]
-    out: Tensor
+    ``main[i][j]`` multiplies what enters term ``j`` of main convolution ``i`` (the gradient rule:
+    the ReLU mask after convolution ``i``, none for the last), ``skip[j]`` what enters the skip
+    path at the residual sum, ``out`` the gradient arriving at the block output (the gradient rule:
+    its ReLU mask; LRP rules: the block output, turning gradient-like values into relevance, folded
+    into ``main[-1]`` and ``skip`` except in the target block). ``None`` stands for 1.
+    """
+
+    main: list[list[Tensor | None]]
+    skip: list[Tensor | None]
+    out: Tensor | None
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
     attn: tuple[Tensor, ...] = ()  # the block attention's recorded state (purenn.arch.attention)
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> SegmentMasks:
+        """The same masks with ``fn`` applied to every tensor (adds or gathers the pair axis)."""
+        return SegmentMasks(
+            main=[[None if t is None else fn(t) for t in ts] for ts in self.main],
+            skip=[None if t is None else fn(t) for t in self.skip],
+            out=None if self.out is None else fn(self.out),
+            in_hw=self.in_hw,
+            act_hw=self.act_hw,
+            attn=tuple(fn(t) for t in self.attn),
+        )
+
+    def tensors(self) -> list[Tensor]:
+        every = (*(t for ts in self.main for t in ts), *self.skip, self.out, *self.attn)
+        return [t for t in every if t is not None]
 
 
 def _hw(t: Tensor) -> tuple[int, int]:
     return int(t.shape[-2]), int(t.shape[-1])
 
 
-def _conv_back(cb: ConvBN, g: Tensor, in_hw: tuple[int, int]) -> Tensor:
+def _conv_back(cb: ConvBN, g: Tensor, in_hw: tuple[int, int], weight: Tensor | None = None) -> Tensor:
     """Backward of conv+BN for a dense gradient ``(N, G, C_out, H, W)`` -> ``(N, G, C_in, H_in, W_in)``.
+
+    ``weight`` replaces the folded weight (a rule's modified weight).
 
     A strided 1x1 convolution (a downsample path) runs as a 1x1 convolution at the output
     resolution followed by zero insertion, which CPU kernels compute about 1.4x faster than the
@@ -85,7 +115,7 @@ def _conv_back(cb: ConvBN, g: Tensor, in_hw: tuple[int, int]) -> Tensor:
     conv = cb.conv
     n_groups = g.shape[1]
     x = g.reshape(-1, g.shape[2], g.shape[3], g.shape[4])
-    w = cb.folded_weight()
+    w = cb.folded_weight() if weight is None else weight
     kh, kw = conv.kernel_size
     plain = conv.groups == 1 and conv.dilation == (1, 1) and not isinstance(conv.padding, str)
     exporting = torch.onnx.is_in_onnx_export()
@@ -124,14 +154,16 @@ def _onehot(neurons: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     return F.one_hot(neurons, channels).to(dtype)
 
 
-def _conv_back_onehot(cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[int, int]) -> Tensor:
+def _conv_back_onehot(
+    cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[int, int], weight: Tensor | None = None
+) -> Tensor:
     """Backward of conv+BN for the one-hot gradient ``e_k * a_sel``: an outer product for a 1x1
     convolution, a single-channel transposed convolution per neuron otherwise."""
     conv = cb.conv
     if conv.groups != 1:
         dense = a_sel[:, :, None] * _onehot(neurons, conv.out_channels, a_sel.dtype)[None, :, :, None, None]
-        return _conv_back(cb, dense, in_hw)
-    w = cb.folded_weight()[neurons]  # (G, C_in, kh, kw)
+        return _conv_back(cb, dense, in_hw, weight)
+    w = (cb.folded_weight() if weight is None else weight)[neurons]  # (G, C_in, kh, kw)
     if cb.is_pointwise:
         return a_sel[:, :, None] * w[None, :, :, 0, 0, None, None]
     n_groups = w.shape[0]
@@ -146,6 +178,37 @@ def _conv_back_onehot(cb: ConvBN, a_sel: Tensor, neurons: Tensor, in_hw: tuple[i
         conv.dilation,
     )
     return out.reshape(-1, n_groups, w.shape[1], out.shape[2], out.shape[3])
+
+
+def _take(f: Tensor, neurons: Tensor) -> Tensor:
+    """Channel ``neurons[g]`` of ``f`` ``(N, G or 1, C, H, W)`` for each neuron: ``(N, G, H, W)``
+    (a 4-D ``f`` has been taken already)."""
+    if f.ndim == 4:
+        return f
+    if f.shape[1] == 1:
+        return f[:, 0, neurons]
+    idx = neurons[None, :, None, None, None].expand(f.shape[0], -1, 1, f.shape[3], f.shape[4])
+    return f.gather(2, idx)[:, :, 0]
+
+
+def _rule_back(
+    cb: ConvBN,
+    weights: Sequence[Tensor],
+    factors: Sequence[Tensor | None],
+    g: Tensor,
+    in_hw: tuple[int, int],
+    onehot: Tensor | None = None,
+) -> Tensor:
+    """``sum_j conv_transpose(W_j, g * factor_j)``; with ``onehot`` (the neuron indices), ``g`` is the
+    ``(N, G, H, W)`` map of channel ``onehot[g]`` and the factors are taken at that channel."""
+    out = None
+    for w, f in zip(weights, factors):
+        if onehot is None:
+            term = _conv_back(cb, g if f is None else g * f, in_hw, w)
+        else:
+            term = _conv_back_onehot(cb, g if f is None else g * _take(f, onehot), onehot, in_hw, w)
+        out = term if out is None else out + term
+    return out
 
 
 def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tensor,
@@ -163,44 +226,63 @@ def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tenso
 
 
 def segment_backward(
-    blocks: Sequence[Block], masks: Sequence[SegmentMasks], a_sel: Tensor, neurons: Tensor, a_up: Tensor
+    blocks: Sequence[Block],
+    masks: Sequence[SegmentMasks],
+    a_sel: Tensor,
+    neurons: Tensor,
+    a_up: Tensor,
+    rule: str | Rule = "gradient",
 ) -> Tensor:
     """Raw circuit relevance ``R`` of the upstream channels, shape ``(N, G, C_U)``.
 
+    The pass carries a gradient-like tensor ``g`` whose product with an activation is relevance;
+    for the gradient rule ``g`` is the gradient and the masks are the ReLU masks, for an LRP rule
+    the masks are the rule's stabilised ratios (:mod:`purenn.rules`).
+
     Args:
         blocks: the residual blocks from the upstream layer (exclusive) to the target (inclusive).
-        masks: one :class:`SegmentMasks` per block.
+        masks: one :class:`SegmentMasks` per block, built for ``rule``.
         a_sel: ``(N, G, H, W)``, the selected neurons' activation maps at the target, clamped at 0.
         neurons: ``(G,)`` channel index of each of the ``G`` neurons.
         a_up: ``(N, G or 1, C_U, H_U, W_U)`` upstream activations.
+        rule: the relevance rule the masks were built for.
     """
+    rule = get_rule(rule)
     g = None
     last = len(blocks) - 1
     for bi in range(last, -1, -1):
         blk, m = blocks[bi], masks[bi]
         n_main = len(blk.main)
         top_in_hw = m.act_hw[-1]
+        w_last = rule.conv_weights(blk.main[-1])
         # a downsample behind a pooling (timm's avg_down) convolves at the output resolution
         ds_hw = m.in_hw if blk.down_pool is None else _hw(m.out)
         if bi == last:
-            # gradient at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
+            # the relevance (gradient) at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
             if blk.attn is None:
-                gm = _conv_back_onehot(blk.main[-1], a_sel, neurons, top_in_hw)
+                gm = _rule_back(blk.main[-1], w_last, m.main[-1], a_sel, top_in_hw, onehot=neurons)
             else:  # channel attention (purenn.arch.attention): its pooled path reaches every channel
                 gm = _attn_back_onehot(blk, m, a_sel, neurons, top_in_hw)
             if blk.downsample is None:
-                skip = a_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
+                f = m.skip[0]
+                s_sel = a_sel if f is None else a_sel * _take(f, neurons)
+                skip = s_sel[:, :, None] * _onehot(neurons, blk.out_channels, a_sel.dtype)[None, :, :, None, None]
             else:
-                skip = _conv_back_onehot(blk.downsample, a_sel, neurons, ds_hw)
+                w_ds = rule.conv_weights(blk.downsample)
+                skip = _rule_back(blk.downsample, w_ds, m.skip, a_sel, ds_hw, onehot=neurons)
         else:
-            gs = g * m.out
-            gm = _conv_back(blk.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn), top_in_hw)
-            skip = gs if blk.downsample is None else _conv_back(blk.downsample, gs, ds_hw)
+            gs = g if m.out is None else g * m.out
+            gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn),
+                            top_in_hw)
+            if blk.downsample is None:
+                skip = gs if m.skip[0] is None else gs * m.skip[0]
+            else:
+                skip = _rule_back(blk.downsample, rule.conv_weights(blk.downsample), m.skip, gs, ds_hw)
         if blk.down_pool is not None:
             skip = blk.down_pool.backward(skip, m.in_hw)
         for i in range(n_main - 2, -1, -1):
-            gm = gm * m.acts[i]
-            gm = _conv_back(blk.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
+            cb = blk.main[i]
+            gm = _rule_back(cb, rule.conv_weights(cb), m.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
         g = gm + skip
     return (g * a_up).sum(dim=(-2, -1))
 
@@ -224,24 +306,27 @@ def has_identity_path(blocks: Sequence[Block]) -> bool:
     return all(b.downsample is None for b in blocks)
 
 
-def _grid_masks(recs: Sequence[BlockRecord], dtype: torch.dtype) -> list[SegmentMasks]:
-    return [
-        SegmentMasks(
-            acts=[(a > 0).to(dtype)[:, None] for a in r.acts],
-            out=(r.out > 0).to(dtype)[:, None],
-            in_hw=_hw(r.inp),
-            act_hw=[_hw(a) for a in r.acts],
-            attn=tuple(t[:, None] for t in r.attn),
-        )
-        for r in recs
-    ]
+def block_masks(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    rule: str | Rule = "gradient",
+    dtype: torch.dtype | None = None,
+) -> list[SegmentMasks]:
+    """The :class:`SegmentMasks` of a segment for a batch, tensors shaped ``(B, C, H, W)`` (no pair
+    axis yet), computed once from the recorded forward pass."""
+    rule = get_rule(rule)
+    out = []
+    for i, (blk, r) in enumerate(zip(blocks, recs)):
+        f = block_factors(rule, blk, r, r.inp.dtype if dtype is None else dtype, top=i == len(blocks) - 1)
+        out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts], tuple(r.attn)))
+    return out
 
 
-def _pair_bytes(recs: Sequence[BlockRecord], a_up: Tensor) -> int:
+def _pair_bytes(masks: Sequence[SegmentMasks], recs: Sequence[BlockRecord], a_up: Tensor) -> int:
     """Bytes per (sample, neuron) pair: gathered masks plus a few gradient buffers."""
     elems = [a_up[0].numel()]
-    for r in recs:
-        elems += [r.inp[0].numel(), r.out[0].numel(), *(a[0].numel() for a in (*r.acts, *r.attn))]
+    for m, r in zip(masks, recs):
+        elems += [r.inp[0].numel(), *(t[0].numel() for t in m.tensors())]
     return a_up.element_size() * (sum(elems) + 4 * max(elems))
 
 
@@ -259,20 +344,23 @@ def iter_grid_relevance(
     a_target: Tensor,
     neurons: Tensor,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rule: str | Rule = "gradient",
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Yield ``(start, stop, raw)`` with raw relevance ``(B, stop - start, C_U)`` for neuron chunks.
 
     Chunks hold as many neurons as keep ``B * chunk`` pairs within ``max_memory`` bytes; the
     boundaries depend only on static sizes, so the loop unrolls in an exported graph.
     """
-    masks = _grid_masks(recs, a_up.dtype)
+    rule = get_rule(rule)
+    flat = block_masks(blocks, recs, rule, a_up.dtype)
+    masks = [m.map(lambda t: t[:, None]) for m in flat]
     a_up5 = a_up[:, None]
     n = int(neurons.shape[0])
-    chunk = _chunk(_pair_bytes(recs, a_up) * max(1, int(a_up.shape[0])), max_memory, n)
+    chunk = _chunk(_pair_bytes(flat, recs, a_up) * max(1, int(a_up.shape[0])), max_memory, n)
     for s in range(0, n, chunk):
         nk = neurons[s : s + chunk]
         a_sel = a_target[:, nk].clamp(min=0)
-        yield s, min(n, s + chunk), segment_backward(blocks, masks, a_sel, nk, a_up5)
+        yield s, min(n, s + chunk), segment_backward(blocks, masks, a_sel, nk, a_up5, rule)
 
 
 def grid_relevance(
@@ -282,9 +370,10 @@ def grid_relevance(
     a_target: Tensor,
     neurons: Tensor,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rule: str | Rule = "gradient",
 ) -> Tensor:
     """Raw relevance for every (sample, neuron) pair of a batch: ``(B, K, C_U)``."""
-    out = [r for _, _, r in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory)]
+    out = [r for _, _, r in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory, rule)]
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
@@ -296,32 +385,35 @@ def pair_relevance(
     sample_idx: Tensor,
     neuron_idx: Tensor,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rule: str | Rule = "gradient",
 ) -> Tensor:
     """Raw relevance for arbitrary (sample, neuron) pairs of one batch: ``(P, C_U)``.
 
     ``sample_idx`` indexes the batch dimension of ``a_up``/``a_target``/``recs``.
     """
+    rule = get_rule(rule)
     n = int(sample_idx.shape[0])
-    chunk = _chunk(_pair_bytes(recs, a_up), max_memory, n)
-    dtype = a_up.dtype
     # masks once per batch, gathered per pair below
-    acts = [[(a > 0).to(dtype) for a in r.acts] for r in recs]
-    outs = [(r.out > 0).to(dtype) for r in recs]
+    flat = block_masks(blocks, recs, rule, a_up.dtype)
+    chunk = _chunk(_pair_bytes(flat, recs, a_up), max_memory, n)
     out = []
     for s in range(0, n, chunk):
         si, ni = sample_idx[s : s + chunk], neuron_idx[s : s + chunk]
-        masks = [
+        masks = [m.map(lambda t, si=si: t[si][None]) for m in flat[:-1]]
+        top = flat[-1]  # the target block's sum factors are only read at each pair's own channel
+        masks.append(
             SegmentMasks(
-                acts=[a[si][None] for a in acts[j]],
-                out=outs[j][si][None],
-                in_hw=_hw(r.inp),
-                act_hw=[_hw(a) for a in r.acts],
-                attn=tuple(t[si][None] for t in r.attn),
+                main=[*([None if t is None else t[si][None] for t in ts] for ts in top.main[:-1]),
+                      [None if t is None else t[si, ni][None] for t in top.main[-1]]],
+                skip=[None if t is None else t[si, ni][None] for t in top.skip],
+                out=None if top.out is None else top.out[si][None],
+                in_hw=top.in_hw,
+                act_hw=top.act_hw,
+                attn=tuple(t[si][None] for t in top.attn),
             )
-            for j, r in enumerate(recs)
-        ]
+        )
         a_sel = a_target[si, ni].clamp(min=0)[None]
-        out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None])[0])
+        out.append(segment_backward(blocks, masks, a_sel, ni, a_up[si][None], rule)[0])
     return torch.cat(out, dim=0)
 
 
@@ -404,6 +496,7 @@ def circuit_relevance(
     *,
     skip_aware: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
+    rule: str | Rule | None = None,
 ) -> Tensor:
     """Normalised circuit relevance ``(B, K, C_U)`` of neurons of ``layer`` on upstream channels.
 
@@ -419,6 +512,9 @@ def circuit_relevance(
         skip_aware: zero the upstream channel with the neuron's own index before normalising (the
             quantity a skip-aware gate clusters); ``False`` gives PURE's relevance unchanged.
         max_memory: bytes of intermediate tensors per chunk of (sample, neuron) pairs.
+        rule: relevance rule, a name in :data:`purenn.rules.RULES` (``"gradient"``, PURE's;
+            ``"epsilon"``, ``"zplus"``, ``"alpha2beta1"``, ``"gamma"``: zennit's LRP rules) or a
+            :class:`purenn.rules.Rule`; default: the purified layer's rule, else ``"gradient"``.
 
     Returns:
         ``r`` with ``r[b, j]`` the relevance vector of neuron ``sorted(neurons)[j]`` on sample ``b``.
@@ -433,7 +529,10 @@ def circuit_relevance(
         pl = model.pure_layer(layer) if layer in model.layers else None
         if pl is not None and upstream is None:
             upstream = pl.upstream
+        if pl is not None and rule is None:
+            rule = pl.rule
         model = model.base_model
+    rule = get_rule("gradient" if rule is None else rule)
     spec = ResNetSpec(model)
     weight = next(model.parameters())
     if compute_dtype(model) != weight.dtype:  # a half-precision model: computed in float32 on a private copy
@@ -462,5 +561,5 @@ def circuit_relevance(
         acts, recs = spec.run_until(x, {pos_u, pos_l}, set(range(pos_u + 1, pos_l + 1)))
         nt = torch.tensor(idx, dtype=torch.long, device=x.device)
         seg_recs = [recs[j] for j in range(pos_u + 1, pos_l + 1)]
-        raw = grid_relevance(blocks, seg_recs, acts[pos_u], acts[pos_l], nt, max_memory)
+        raw = grid_relevance(blocks, seg_recs, acts[pos_u], acts[pos_l], nt, max_memory, rule)
         return normalize_relevance(raw, nt, drop_self=skip_aware)

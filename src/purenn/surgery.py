@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from .gating import (
     nearest_centroid,
 )
 from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, normalize_relevance
+from .rules import Rule, rule_from_config
 
 __all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
 
@@ -101,7 +102,9 @@ class PureLayer(nn.Module):
             forward-only baseline of :mod:`purenn.gating` (``"activation"``: the target layer's
             pooled activations, PURE's evaluation baseline; ``"upstream"``; ``"map"``).
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
-        rule: relevance rule (only ``"gradient"``, PURE's).
+        rule: relevance rule: a name (``"gradient"``, PURE's, or zennit's ``"epsilon"``, ``"zplus"``,
+            ``"alpha2beta1"``, ``"gamma"``), a :class:`purenn.rules.Rule` or its saved config;
+            stored as a :class:`~purenn.rules.Rule` and used by the gate.
 
     Buffers saved in ``state_dict``: ``neurons``, ``centroids``, ``n_clusters``, ``scores``,
     ``ref_counts``, ``ref_indices``, ``ref_clusters`` and ``merge_weight`` (one weight per virtual
@@ -122,17 +125,15 @@ class PureLayer(nn.Module):
         ref_indices: Tensor | None = None,
         ref_clusters: Tensor | None = None,
         skip_aware: bool = False,
-        rule: str = "gradient",
+        rule: str | Rule | Mapping[str, Any] = "gradient",
         gate: str = "circuit",
         gate_weight: float = 0.5,
     ) -> None:
         super().__init__()
-        if rule != "gradient":
-            raise ConfigError(f"unknown relevance rule {rule!r}; supported: 'gradient'.")
         self.gate = check_gate(gate)
         self.gate_weight = check_gate_weight(gate_weight)
         self.layer, self.upstream, self.channels = layer, upstream, int(channels)
-        self.skip_aware, self.rule = bool(skip_aware), rule
+        self.skip_aware, self.rule = bool(skip_aware), rule_from_config(rule)
         neurons = torch.as_tensor(neurons, dtype=torch.long)
         n_clusters = torch.as_tensor(n_clusters, dtype=torch.long)
         k, c_max = centroids.shape[:2]
@@ -184,7 +185,9 @@ class PureLayer(nn.Module):
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (everything except the tensors)."""
-        return {key: getattr(self, key) for key in self.CONFIG_KEYS}
+        out = {key: getattr(self, key) for key in self.CONFIG_KEYS}
+        out["rule"] = self.rule.config()
+        return out
 
     @classmethod
     def from_config(cls, config: dict, tensors: dict[str, Tensor]) -> PureLayer:
@@ -291,7 +294,7 @@ class PureLayer(nn.Module):
         extra = gate_features("map", a_up, a_target, neurons) if self.gate == "circuit+map" else None
         valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
         out = []
-        for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory):
+        for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory, self.rule):
             feat = normalize_relevance(raw, neurons[s:e], drop_self=self.skip_aware)
             if extra is not None:
                 feat = combine_features(feat, extra[:, s:e], self.gate_weight)

@@ -1,0 +1,299 @@
+"""Relevance rules: PURE's gradient and zennit's LRP rules, each as its backward step in plain ops.
+
+A rule says how relevance crosses a convolution (BatchNorm merged into it) and the residual sum
+of a block. :func:`purenn.relevance.segment_backward` runs the same loop for every rule; a rule
+only supplies, per convolution, its *terms*: pairs ``(weight W_j, factor d_j)`` such that the
+relevance at the convolution's input is ::
+
+    R_in = x * sum_j conv_transpose(W_j, R_out * d_j)
+
+where ``x`` is the convolution's input and ``d_j`` (shape of the output, one per sample) comes
+from the one forward pass. zennit's rules have exactly this form (``BasicHook``: modified
+inputs, parameters and a stabilised division, reduced as input x gradient). Inside a ResNet
+segment every convolution input is a ReLU output, hence non-negative, so the terms of zennit's
+rules that act on the negative part of the input vanish and are left out.
+
+The residual sum ``z = main + skip`` splits relevance in proportion to its inputs, as zennit's
+``Norm`` rule on the ``Sum`` module of its ``ResNetCanonizer`` does:
+``R_main = main * R / stab(z)``, ``R_skip = skip * R / stab(z)``. ReLUs pass relevance unchanged
+(zennit's ``Pass``). The gradient rule is the special case without stabilised division: its
+factors are the ReLU masks and the circuit is gradient x activation.
+
+Rules (zennit defaults): ``"gradient"`` (PURE's), ``"epsilon"`` (:class:`Epsilon`, eps 1e-6),
+``"zplus"`` (:class:`ZPlus`), ``"alpha2beta1"`` (:class:`AlphaBeta`, alpha 2, beta 1),
+``"gamma"`` (:class:`Gamma`, gamma 0.25). A new rule is a subclass with ``conv_weights`` and ``conv_factors``.
+
+Example:
+    >>> rule = get_rule("epsilon")
+    >>> rule.name, rule.config()
+    ('epsilon', 'epsilon')
+    >>> get_rule(Epsilon(epsilon=0.25)).config()
+    {'name': 'epsilon', 'epsilon': 0.25}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._choices import RULES as RULE_NAMES
+from .arch import Block, BlockRecord, ConvBN
+from .errors import ConfigError
+
+__all__ = [
+    "RULES",
+    "Rule",
+    "Gradient",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "get_rule",
+    "rule_from_config",
+    "stabilize",
+    "folded_bias",
+    "block_factors",
+]
+
+
+def stabilize(z: Tensor, epsilon: float) -> Tensor:
+    """zennit's stabiliser: ``z + epsilon * sign(z)``, with sign +1 at 0, so it is never zero."""
+    return z + ((z == 0).to(z.dtype) + z.sign()) * epsilon
+
+
+def folded_bias(cb: ConvBN) -> Tensor:
+    """The bias of the convolution with its BatchNorm merged (as zennit's ``MergeBatchNorm``)."""
+    bn = cb.bn
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    b = -bn.running_mean if cb.conv.bias is None else cb.conv.bias - bn.running_mean
+    b = b * scale
+    return b if bn.bias is None else b + bn.bias
+
+
+def _conv(cb: ConvBN, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    c = cb.conv
+    return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+
+def _positive_part(cb: ConvBN, x: Tensor) -> Tensor:
+    """``W+ x + b+``: the convolution with the positive parts of the merged weight and bias."""
+    return _conv(cb, x, cb.folded_weight().clamp(min=0), folded_bias(cb).clamp(min=0))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A relevance rule: how relevance crosses a convolution and the residual sum.
+
+    Subclasses set ``name`` and implement :meth:`conv_weights` and :meth:`conv_factors`. ``sum_stabilizer`` is the
+    stabiliser of the residual sum's proportional split (zennit's ``Norm`` on ``Sum``).
+    """
+
+    name: ClassVar[str] = ""
+    #: False only for the gradient: no relevance split, masks instead of stabilised ratios
+    is_lrp: ClassVar[bool] = True
+
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        """The factors ``d_j`` of a convolution with input ``x`` (``>= 0``) and merged output ``z``,
+        one per weight of :meth:`conv_weights` (in that order).
+
+        With ``before_relu`` the convolution feeds a ReLU, whose output multiplies every factor, so
+        the factors only matter where ``z > 0`` (``z`` may be the ReLU output), and trailing terms
+        that vanish there may be left out.
+        """
+        raise NotImplementedError
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        """The (modified) weights ``W_j`` of the terms, BatchNorm merged."""
+        raise NotImplementedError
+
+    @property
+    def sum_stabilizer(self) -> float:
+        return 1e-6
+
+    def config(self) -> str | dict[str, Any]:
+        """The rule's name when it has its default parameters, else ``{"name": ..., **parameters}``."""
+        params = {f.name: getattr(self, f.name) for f in fields(self)}
+        defaults = {f.name: f.default for f in fields(self)}
+        return self.name if params == defaults else {"name": self.name, **params}
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """PURE's rule: the plain gradient (ReLU masks), the circuit is gradient x activation."""
+
+    name: ClassVar[str] = "gradient"
+    is_lrp: ClassVar[bool] = False
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight()]
+
+
+@dataclass(frozen=True)
+class Epsilon(Rule):
+    """zennit's ``Epsilon``: ``R_in = x * W^T (R / stab(z))``, ``stab(z) = z + epsilon sign(z)``."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "epsilon"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight()]
+
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        return [1 / stabilize(z, self.epsilon)]
+
+
+@dataclass(frozen=True)
+class ZPlus(Rule):
+    """zennit's ``ZPlus``: positive weights and bias, ``R_in = x * W+^T (R / stab(W+ x + b+))``."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "zplus"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        return [cb.folded_weight().clamp(min=0)]
+
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        return [1 / stabilize(_positive_part(cb, x), self.stabilizer)]
+
+
+@dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """zennit's ``AlphaBeta``: ``alpha`` times the positive, minus ``beta`` times the negative
+    contributions, each normalised by its own stabilised sum (bias split by sign)."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "alpha2beta1"
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-12:
+            raise ConfigError(f"AlphaBeta needs alpha, beta >= 0 and alpha - beta = 1, got {self.alpha}, {self.beta}.")
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        w = cb.folded_weight()
+        return [w.clamp(min=0), w.clamp(max=0)]
+
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        zp = _positive_part(cb, x)
+        zn = z - zp  # W- x + b- (x >= 0): one modified convolution instead of two
+        return [self.alpha / stabilize(zp, self.stabilizer), -self.beta / stabilize(zn, self.stabilizer)]
+
+
+@dataclass(frozen=True)
+class Gamma(Rule):
+    """zennit's generalised ``Gamma``: where the output ``z > 0``, weights ``W + gamma W+`` (bias
+    ``b + gamma b+``); where ``z < 0``, ``W + gamma W-`` (bias ``b + gamma b-``)."""
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "gamma"
+
+    def conv_weights(self, cb: ConvBN) -> list[Tensor]:
+        w = cb.folded_weight()
+        return [w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)]
+
+    def conv_factors(self, cb: ConvBN, x: Tensor, z: Tensor, before_relu: bool) -> list[Tensor]:
+        zp = _positive_part(cb, x)  # W+ x + b+; (W + gamma W+) x + b + gamma b+ = z + gamma zp
+        pos = (z > 0).to(z.dtype) / stabilize(z + self.gamma * zp, self.stabilizer)
+        if before_relu:  # the z < 0 term is zero wherever the ReLU lets relevance through
+            return [pos]
+        zn = z + self.gamma * (z - zp)  # (W + gamma W-) x + b + gamma b-, as W- x + b- = z - zp
+        return [pos, (z < 0).to(z.dtype) / stabilize(zn, self.stabilizer)]
+
+
+#: rule name -> class; ``get_rule(name)`` builds it with zennit's default parameters
+RULES: dict[str, type[Rule]] = {r.name: r for r in (Gradient, Epsilon, ZPlus, AlphaBeta, Gamma)}
+assert tuple(RULES) == RULE_NAMES, "purenn._choices.RULES must list the rules (the CLI reads it)"
+
+
+def get_rule(rule: str | Rule) -> Rule:
+    """A :class:`Rule` from a name in :data:`RULES` or a rule object (returned as it is).
+
+    Raises:
+        ConfigError: an unknown name or type, listing the choices.
+    """
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, str) and rule in RULES:
+        return RULES[rule]()
+    raise ConfigError(
+        f"unknown relevance rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)} "
+        "or pass a purenn.rules.Rule object such as purenn.rules.Epsilon(epsilon=0.01)."
+    )
+
+
+def rule_from_config(config: str | Mapping[str, Any]) -> Rule:
+    """Inverse of :meth:`Rule.config` (raises :class:`ConfigError` on anything else)."""
+    if isinstance(config, Mapping):
+        name = config.get("name")
+        cls = RULES.get(name) if isinstance(name, str) else None
+        params = {k: v for k, v in config.items() if k != "name"}
+        allowed = {f.name for f in fields(cls)} if cls is not None else set()
+        if cls is None or not set(params) <= allowed or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+            for v in params.values()
+        ):
+            raise ConfigError(f"bad relevance rule config {dict(config)!r}; names: {', '.join(RULES)}.")
+        return cls(**{k: float(v) for k, v in params.items()})
+    return get_rule(config)
+
+
+def block_factors(
+    rule: Rule, block: Block, rec: BlockRecord, dtype: torch.dtype, top: bool = True
+) -> dict[str, Any]:
+    """Per-sample tensors ``(B, C, H, W)`` the backward pass of ``block`` multiplies in, for ``rule``.
+
+    Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor}``:
+    ``main[-1]`` and ``skip`` multiply the relevance at the residual sum, ``main[i]`` (``i`` before
+    the last) multiplies the gradient-like quantity at the input of main conv ``i + 1``, ``out``
+    the one at the block output. ``None`` means "multiply by 1". A list shorter than the rule's
+    weights leaves out the trailing terms. For a block that is not the target (``top=False``) an
+    LRP rule's ``out`` is folded into ``main[-1]`` and ``skip`` (and returned as ``None``).
+
+    Relevance only flows where a ReLU output is positive, and there the recorded output *is* the
+    pre-activation: so the inner convolutions' outputs are the recorded activations, and the main
+    branch before the residual sum is the block output minus the skip branch (elsewhere the
+    factors are multiplied by zero). Only the skip branch's convolution (a downsample) and the
+    rules' modified convolutions run again.
+    """
+    if not rule.is_lrp:
+        acts = [(a > 0).to(dtype) for a in rec.acts]
+        return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype)}
+    if block.attn is not None or block.down_pool is not None:
+        raise ConfigError(
+            f"the {rule.name!r} rule supports residual blocks of convolutions, BatchNorm and ReLU; block "
+            f"{block.name} has a channel attention or an average-pool downsample (timm), which only the "
+            "'gradient' rule handles so far."
+        )
+    xs = [rec.inp, *rec.acts]
+    last = len(block.main) - 1
+    if block.downsample is None:
+        x_skip = rec.inp
+    else:
+        ds = block.downsample
+        x_skip = _conv(ds, rec.inp, ds.folded_weight(), folded_bias(ds))
+    x_main = rec.out - x_skip  # exact where the block output is positive, the only place it matters
+    inv = (rec.out > 0).to(dtype) / stabilize(rec.out, rule.sum_stabilizer)
+    main: list[list[Tensor | None]] = []
+    for i, cb in enumerate(block.main):
+        if i < last:
+            a = xs[i + 1]
+            main.append([a * d for d in rule.conv_factors(cb, xs[i], a, True)])
+        else:
+            main.append([x_main * inv * d for d in rule.conv_factors(cb, xs[i], x_main, False)])
+    if block.downsample is None:
+        skip: list[Tensor | None] = [inv]
+    else:
+        skip = [x_skip * inv * d for d in rule.conv_factors(block.downsample, rec.inp, x_skip, False)]
+    if top:
+        return {"main": main, "skip": skip, "out": rec.out}
+    main[-1] = [rec.out * f for f in main[-1]]
+    return {"main": main, "skip": [rec.out * f for f in skip], "out": None}
