@@ -250,7 +250,8 @@ def test_a_failure_leaves_the_earlier_report(case, tmp_path, monkeypatch):
     ({"labels": np.full(40, 0.5)}, DataError, "integers"),
     ({"labels": np.full(40, -1)}, DataError, "non-negative"),
     ({"class_names": ["a", "b"]}, ConfigError, "need labels"),
-    ({"data": "short"}, DataError, "same data"),
+    ({"data": "short"}, DataError, "taken from other data"),
+    ({"data": "flipped"}, DataError, "reference images differ"),
     ({"out": "file"}, ConfigError, "it is a file"),
     ({"out": "missing/report"}, ConfigError, "does not exist"),
 ])
@@ -260,6 +261,8 @@ def test_bad_inputs(case, tmp_path, kwargs, error, match):
     args.update(kwargs)
     if kwargs.get("data") == "short":
         args["data"] = data.images[:5]
+    elif kwargs.get("data") == "flipped":  # as many samples, other images
+        args["data"] = data.images.flip(-1)
     if kwargs.get("out") == "file":
         (tmp_path / "file").write_text("x")
         args["out"] = tmp_path / "file"

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from . import cli
     from .arch import input_conv
     from .loaders import InputError
+    from .refdata import check_references
     from .report import write_report
 
     if args.top is not None and args.top < 1:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         pm.pure_layer(name)
     data = cli._data_from_args(args, int(input_conv(pm.base_model).in_channels))
     cli._say(args, f"data: {data.description}")
+    check_references(pm, data.dataset, given=cli._data_flags(args))  # other data: a DataError saying which
     index = write_report(pm, data.dataset, out, labels=data.labels, class_names=data.class_names, layers=layers,
                          top=args.top, n_images=args.n_images, embedding=args.embedding, seed=args.seed,
                          title=f"purenn report: {Path(args.model).name}", data_description=data.description,

@@ -523,6 +523,7 @@ def write_report(
         'index.html'
     """
     from .data import DataSource
+    from .refdata import check_references
     from .surgery import PurifiedModel
     from .viz import EMBEDDINGS
 
@@ -540,6 +541,7 @@ def write_report(
     out = Path(out)
     _check_out(out)
     n_data = len(DataSource.from_data(data, batch_size))
+    check_references(pm, data, batch_size=batch_size)  # the data the reference indices point into
     lab = _check_labels(labels, n_data, class_names)
     chosen = report_neurons(pm, names, top)
     for name, channel in chosen:  # all data checks before anything is written
