@@ -176,3 +176,15 @@ def planted_pm(planted_model):
     model, train, _ = planted_model
     return purenn.purify_model(model, ["layer4"], train, n_refs=20, neurons={"layer4": list(range(0, 512, 32))},
                                progress=False)
+
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's in-process computation on one thread, as the subprocesses it compares with do
+    (``OMP_NUM_THREADS=1``): float reductions can round differently with another thread count.
+    Use it as an autouse module fixture so that it is set up before the module's other fixtures."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,8 +17,14 @@ from purenn.collect import TopK
 from purenn.distributed import fit_by_neuron, merge_top, rank_zero_write, shard_range, world_info
 
 HERE = Path(__file__).parent
+
 sys.path.insert(0, str(HERE))
 import _dist_worker  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """The subprocesses run with OMP_NUM_THREADS=1; so does this process while these tests run."""
 
 
 def test_merge_top_breaks_ties_by_index():

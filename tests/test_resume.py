@@ -17,8 +17,14 @@ import purenn
 from purenn.arch import ResNetSpec
 
 HERE = Path(__file__).parent
+
 sys.path.insert(0, str(HERE))
 import _resume_worker  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread):
+    """The subprocesses run with OMP_NUM_THREADS=1; so does this process while these tests run."""
 
 
 @pytest.fixture(scope="module")
