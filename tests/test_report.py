@@ -117,7 +117,11 @@ def test_page_structure(case, report):
         assert shown == expected
         assert section.count("<circle") == pl.ref_indices.shape[1]  # one point per reference in the embedding
     # the layers table and the suppressed virtual neurons
-    assert len(_rows(text, "layers-table")) == len(pm.layers)
+    layer_rows = _rows(text, "layers-table")
+    assert [r[0] for r in layer_rows] == pm.layers
+    for r in layer_rows:  # layer, upstream, gate, rule, skip-aware, channels, fitted, purified, ...
+        pl = pm.pure_layer(r[0])
+        assert r[1:4] == [pl.upstream, pl.gate, "gradient"] and int(r[7]) == int((pl.n_clusters > 1).sum())
     suppressed = _rows(text, "suppressed-table")
     assert [(r[0], int(r[1]), r[2]) for r in suppressed] == [("layer4", pm.virtual_index("layer4", 3, 1), "3.1")]
     assert 'class="vrow suppressed"' in text and text.count('<span class="off">suppressed</span>') == 1

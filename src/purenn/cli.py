@@ -264,9 +264,9 @@ def _check_accuracy(args: argparse.Namespace, model: Any, data: LoadedData, n: i
 # ============================================================================================ output
 def _rule_text(config: Any) -> str:
     """A rule config as text: its name, with parameters when they are not zennit's defaults."""
-    if isinstance(config, dict):
-        return config["name"] + "(" + ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") + ")"
-    return str(config)
+    from .rules import rule_text
+
+    return rule_text(config)
 
 
 def _table(rows: list[list[Any]], headers: list[str]) -> str:

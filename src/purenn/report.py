@@ -361,6 +361,8 @@ def _table_html(neurons: list[_Neuron], class_names: Sequence[str] | None, with_
 
 
 def _model_html(pm: Any, arch: dict[str, Any], shown: dict[str, int]) -> str:
+    from .rules import rule_text
+
     stem = arch.get("stem") or {}
     kernel = "x".join(map(str, stem.get("kernel_size", [])))
     pool = "with max-pool" if stem.get("maxpool") else "without max-pool"
@@ -370,12 +372,13 @@ def _model_html(pm: Any, arch: dict[str, Any], shown: dict[str, int]) -> str:
     rows = []
     for name in pm.layers:
         pl = pm.pure_layer(name)
-        values = [pl.upstream, pl.gate, "yes" if pl.skip_aware else "no", pl.channels, len(pl.neurons),
-                  int((pl.n_clusters > 1).sum()), shown.get(name, 0), pl.n_virtual, int((pl.merge_weight == 0).sum())]
+        values = [pl.upstream, pl.gate, rule_text(pl.rule.config()), "yes" if pl.skip_aware else "no", pl.channels,
+                  len(pl.neurons), int((pl.n_clusters > 1).sum()), shown.get(name, 0), pl.n_virtual, int((pl.merge_weight == 0).sum())]
         rows.append(f"<tr><td>{_e(name)}</td>" + "".join(
             f'<td class="num">{_e(v)}</td>' if isinstance(v, int) else f"<td>{_e(v)}</td>" for v in values) + "</tr>")
-    heads = "".join(f"<th>{h}</th>" for h in ("layer", "upstream", "gate", "skip-aware", "channels", "fitted",
-                                             "split", "in this report", "virtual neurons", "suppressed"))
+    heads = "".join(f"<th>{h}</th>" for h in ("layer", "upstream", "gate", "rule", "skip-aware", "channels",
+                                             "fitted", "purified", "in this report", "virtual neurons",
+                                             "suppressed"))
     return (f"<p><b>Base model:</b> {_e(base)}</p>"
             f'<table id="layers-table"><thead><tr>{heads}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 

@@ -58,6 +58,7 @@ __all__ = [
     "stabilize",
     "folded_bias",
     "block_factors",
+    "rule_text",
 ]
 
 
@@ -228,6 +229,18 @@ def get_rule(rule: str | Rule) -> Rule:
         f"unknown relevance rule {rule!r}; choose one of {', '.join(repr(n) for n in RULES)} "
         "or pass a purenn.rules.Rule object such as purenn.rules.Epsilon(epsilon=0.01)."
     )
+
+
+def rule_text(config: str | Mapping[str, Any]) -> str:
+    """A rule's saved config as text: its name, with its parameters when they are not zennit's defaults.
+
+    Example:
+        >>> rule_text("epsilon"), rule_text({"name": "epsilon", "epsilon": 0.01})
+        ('epsilon', 'epsilon(epsilon=0.01)')
+    """
+    if isinstance(config, Mapping):
+        return str(config["name"]) + "(" + ", ".join(f"{k}={v}" for k, v in config.items() if k != "name") + ")"
+    return str(config)
 
 
 def rule_from_config(config: str | Mapping[str, Any]) -> Rule:
