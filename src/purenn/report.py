@@ -373,7 +373,8 @@ def _model_html(pm: Any, arch: dict[str, Any], shown: dict[str, int]) -> str:
     for name in pm.layers:
         pl = pm.pure_layer(name)
         values = [pl.upstream, pl.gate, rule_text(pl.rule.config()), "yes" if pl.skip_aware else "no", pl.channels,
-                  len(pl.neurons), int((pl.n_clusters > 1).sum()), shown.get(name, 0), pl.n_virtual, int((pl.merge_weight == 0).sum())]
+                  len(pl.neurons), int((pl.n_clusters > 1).sum()), shown.get(name, 0), pl.n_virtual,
+                  int((pl.merge_weight == 0).sum())]
         rows.append(f"<tr><td>{_e(name)}</td>" + "".join(
             f'<td class="num">{_e(v)}</td>' if isinstance(v, int) else f"<td>{_e(v)}</td>" for v in values) + "</tr>")
     heads = "".join(f"<th>{h}</th>" for h in ("layer", "upstream", "gate", "rule", "skip-aware", "channels",
