@@ -393,6 +393,18 @@ def test_near_ties_without_gate_output(tiny):
     assert ties.shape == gates.shape and ties[:, 2].all()
 
 
+@pytest.mark.parametrize("gate", ["circuit", "circuit+map", "map", "upstream"])
+def test_gate_distances_choose_the_models_gates(gate):
+    """The distances the export check uses for near ties come from the same features as the gate, for
+    every gate kind (the nearest centroid is the model's gate)."""
+    pm = purenn.purify_model(tiny_resnet(), ["layer4"], images(12, seed=3, size=(32, 32)), n_refs=5,
+                             neurons={"layer4": list(range(6))}, gate=gate, progress=False)
+    x = images(5, seed=47, size=(32, 32))
+    dist = purenn.export._gate_distances(pm, x, "layer4")
+    assert dist.shape == (5, 6, pm.pure_layer("layer4").centroids.shape[1])
+    assert torch.equal(dist.argmin(dim=-1), pm.gates(x)["layer4"][:, :6].cpu())
+
+
 def test_bad_outputs(tiny, tmp_path):
     model, pm = tiny
     path = tmp_path / "x.onnx"

@@ -45,9 +45,9 @@ from torch import Tensor, nn
 from .arch import ResNetSpec
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError
-from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, gate_features
+from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, gate_feature_chunks
 from .purify import _check_forward, _check_int, _inference_form, _model_device, _plan_layers
-from .relevance import DEFAULT_MAX_MEMORY, grid_relevance, normalize_relevance
+from .relevance import DEFAULT_MAX_MEMORY
 from .rules import Rule, get_rule
 from .surgery import PureLayer, PurifiedModel
 
@@ -225,16 +225,10 @@ def concept_gate_features(
         acts, recs = spec.run_until(x, {up, pos}, set(range(up + 1, pos + 1)) if circuit else set())
         a_t = acts[pos]
         mass = a_t[:, nt].clamp(min=0).sum(dim=(-2, -1))
-        if circuit:
-            raw = grid_relevance(spec.segment(up, pos), [recs[j] for j in range(up + 1, pos + 1)], acts[up], a_t,
-                                 nt, max_memory, rule)
-            feat = normalize_relevance(raw, nt, drop_self=skip_aware)
-            if gate == "circuit+map":
-                feat = combine_features(feat, gate_features("map", acts[up], a_t, nt), gate_weight)
-        else:
-            feat = gate_features(gate, acts[up], a_t, nt)
-            if feat.ndim == 2:
-                feat = feat[:, None].expand(-1, len(nt), -1)
+        chunks = gate_feature_chunks(gate, spec.segment(up, pos), [recs[j] for j in range(up + 1, pos + 1)]
+                                     if circuit else [], acts[up], a_t, nt, rule=rule, skip_aware=skip_aware,
+                                     gate_weight=gate_weight, max_memory=max_memory)
+        feat = torch.cat([f for _, _, f in chunks], dim=1)
     return feat, mass
 
 

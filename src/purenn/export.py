@@ -58,7 +58,7 @@ from ._version import __version__
 from .arch import ResNetSpec, input_conv
 from .distributed import writes_on_rank_zero
 from .errors import ConfigError, ExportError
-from .relevance import grid_relevance, normalize_relevance
+from .gating import gate_feature_chunks
 from .surgery import POOLS, PurifiedModel
 
 __all__ = ["EXPORTERS", "OUTPUTS", "DEFAULT_OPSET", "ParityCheck", "ExportReport", "export_onnx",
@@ -376,15 +376,9 @@ def _gate_distances(pm: PurifiedModel, x: Tensor, layer: str) -> Tensor:
         for blk in blocks:
             h, rec = spec.block_forward(blk, h, record=True)
             recs.append(rec)
-        gate = getattr(pl, "gate", "circuit")
-        if gate == "circuit":
-            raw = grid_relevance(blocks, recs, a_up, h, pl.neurons, pm.max_memory, pl.rule)
-            feat = normalize_relevance(raw, pl.neurons, drop_self=pl.skip_aware)
-        else:
-            from .gating import gate_features
-
-            feat = gate_features(gate, a_up, h, pl.neurons)
-            feat = feat[:, None].expand(-1, len(pl.neurons), -1) if feat.ndim == 2 else feat
+        chunks = gate_feature_chunks(pl.gate, blocks, recs, a_up, h, pl.neurons, rule=pl.rule,
+                                     skip_aware=pl.skip_aware, gate_weight=pl.gate_weight, max_memory=pm.max_memory)
+        feat = torch.cat([f for _, _, f in chunks], dim=1)
         dist = ((feat[:, :, None, :].double() - pl.centroids[None].double()) ** 2).sum(dim=-1)
         valid = torch.arange(dist.shape[-1], device=dist.device)[None] < pl.n_clusters[:, None]
         return torch.where(valid[None], dist, torch.full_like(dist, math.inf)).cpu()

@@ -26,19 +26,23 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._choices import GATES
 from ._validate import check_number
-from .arch import ResNetSpec
+from .arch import Block, BlockRecord, ResNetSpec
 from .collect import References
 from .data import DataSource
 from .errors import ConfigError
+from .relevance import DEFAULT_MAX_MEMORY, iter_grid_relevance, normalize_relevance
+from .rules import Rule
 
 __all__ = ["GATES", "CIRCUIT_GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim",
-           "nearest_centroid", "combine_features", "fit_gate_features"]
+           "nearest_centroid", "combine_features", "gate_feature_chunks", "fit_gate_features"]
 
 CIRCUIT_GATES = GATES[:2]
 ACTIVATION_GATES = GATES[2:]
@@ -74,6 +78,40 @@ def combine_features(circuit: Tensor, extra: Tensor, weight: float, eps: float =
     c = circuit / (circuit.norm(dim=-1, keepdim=True) + eps)
     e = extra / (extra.norm(dim=-1, keepdim=True) + eps)
     return torch.cat([c, weight * e], dim=-1)
+
+
+def gate_feature_chunks(
+    gate: str,
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    neurons: Tensor,
+    *,
+    rule: str | Rule = "gradient",
+    skip_aware: bool = False,
+    gate_weight: float = 0.5,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """The features ``gate`` compares with the centroids: ``(start, stop, (B, stop - start, D))`` for
+    ``neurons[start:stop]``, chunk by chunk within ``max_memory``.
+
+    The one definition that gating, concept centroids and the export check share: for the circuit
+    gates the L1-normalised circuit relevance of the segment ``blocks`` under ``rule`` (the neuron's
+    own channel dropped when ``skip_aware``), for ``"circuit+map"`` combined with the neuron's map
+    (:func:`combine_features`); for the forward-only gates :func:`gate_features`, broadcast to every
+    neuron, in one chunk.
+    """
+    if gate in ACTIVATION_GATES:
+        feat = gate_features(gate, a_up, a_target, neurons)
+        yield 0, len(neurons), feat[:, None].expand(-1, len(neurons), -1) if feat.ndim == 2 else feat
+        return
+    extra = gate_features("map", a_up, a_target, neurons) if gate == "circuit+map" else None
+    for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory, rule):
+        feat = normalize_relevance(raw, neurons[s:e], drop_self=skip_aware)
+        if extra is not None:
+            feat = combine_features(feat, extra[:, s:e], gate_weight)
+        yield s, e, feat
 
 
 def check_gate_weight(weight: object) -> float:

@@ -39,12 +39,12 @@ from .gating import (
     CIRCUIT_GATES,
     check_gate,
     check_gate_weight,
-    combine_features,
     gate_dim,
+    gate_feature_chunks,
     gate_features,
     nearest_centroid,
 )
-from .relevance import DEFAULT_MAX_MEMORY, check_input, iter_grid_relevance, normalize_relevance
+from .relevance import DEFAULT_MAX_MEMORY, check_input
 from .rules import Rule, rule_from_config
 
 __all__ = ["VirtualNeuron", "PureLayer", "PurifiedModel", "SuppressionHandle", "POOLS"]
@@ -291,13 +291,11 @@ class PureLayer(nn.Module):
             neurons, centroids, n_cl = self.neurons[positions], self.centroids[positions], self.n_clusters[positions]
         if self.gate in ACTIVATION_GATES:
             return nearest_centroid(gate_features(self.gate, a_up, a_target, neurons), centroids, n_cl)
-        extra = gate_features("map", a_up, a_target, neurons) if self.gate == "circuit+map" else None
         valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
         out = []
-        for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory, self.rule):
-            feat = normalize_relevance(raw, neurons[s:e], drop_self=self.skip_aware)
-            if extra is not None:
-                feat = combine_features(feat, extra[:, s:e], self.gate_weight)
+        for s, e, feat in gate_feature_chunks(self.gate, blocks, recs, a_up, a_target, neurons, rule=self.rule,
+                                              skip_aware=self.skip_aware, gate_weight=self.gate_weight,
+                                              max_memory=max_memory):
             dist = ((feat[:, :, None, :] - centroids[None, s:e]) ** 2).sum(dim=-1)
             dist = torch.where(valid[None, s:e], dist, torch.full_like(dist, float("inf")))
             out.append(dist.argmin(dim=-1))
