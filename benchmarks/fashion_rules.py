@@ -15,7 +15,8 @@ purenn's relevance rules (``rule=``: ``gradient``, ``epsilon``, ``zplus``, ``alp
 It reuses ``fashion_planted.py`` (model, references, neuron sets, score AUROC) and
 ``fashion_planted_seeds.py`` (aggregation over models, pooled tests).
 
-    python benchmarks/fashion_rules.py --seeds 0,1 --n-train 12000 --n-fit 4000 --n-test 4000
+    python benchmarks/fashion_rules.py --seeds 0,1 --n-train 10000 --n-fit 3000 --n-test 3000 --n-refs 30 \
+        --max-neurons 40                                              # 21 min on 2 CPU cores (README)
     python benchmarks/fashion_rules.py --smoke                        # tiny models and data, < 1 min
     python benchmarks/fashion_rules.py --from-runs DIR/runs.json      # aggregate finished models/rules
 
