@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ __all__ = [
     "input_conv",
     "check_bn",
     "check_conv",
+    "main_path",
 ]
 
 STEM_NAMES = ("maxpool", "stem")
@@ -217,6 +219,17 @@ def check_conv(conv: Any, where: str) -> None:
         raise UnsupportedModelError(
             f"{where} uses padding {conv.padding!r}/{conv.padding_mode!r}; only numeric zero padding is supported."
         )
+
+
+def main_path(module: nn.Module, name: str, pairs: Sequence[tuple[str, str]]) -> tuple[ConvBN, ...]:
+    """The checked conv/BatchNorm pairs of a block's main path, named ``(conv, bn)`` in ``pairs``."""
+    main = []
+    for conv_name, bn_name in pairs:
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        check_conv(conv, f"{name}.{conv_name}")
+        check_bn(bn, f"{name}.{bn_name}")
+        main.append(ConvBN(conv, bn))
+    return tuple(main)
 
 
 class Family(Protocol):

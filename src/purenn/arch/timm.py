@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 from .attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite
-from .core import STAGES, Block, ConvBN, check_bn, check_conv, run_eval
+from .core import STAGES, Block, ConvBN, check_bn, check_conv, main_path, run_eval
 
 __all__ = ["TIMM", "TimmFamily", "is_timm_resnet"]
 
@@ -206,12 +206,7 @@ class TimmFamily:
                 f"block {name} is a {type(module).__name__}; purenn supports timm's BasicBlock and Bottleneck "
                 "residual blocks."
             )
-        main = []
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            check_conv(conv, f"{name}.{conv_name}")
-            check_bn(bn, f"{name}.{bn_name}")
-            main.append(ConvBN(conv, bn))
+        main = main_path(module, name, pairs)
         for act in acts:
             m = getattr(module, act, None)
             if not _is_relu(m):
@@ -232,7 +227,7 @@ class TimmFamily:
                 "anti-aliasing layers (not resnetaa*/resnetblur*)."
             )
         ds, pool = _downsample(name, getattr(module, "downsample", None))
-        block = Block(name, module, tuple(main), ds, _attention(name, getattr(module, "se", None)), pool)
+        block = Block(name, module, main, ds, _attention(name, getattr(module, "se", None)), pool)
         if ds is None and block.in_channels != block.out_channels:
             raise UnsupportedModelError(f"block {name} changes channels without a downsample path.")
         return block

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .core import STAGES, Block, ConvBN, batch_norm_eval, check_bn, check_conv
+from .core import STAGES, Block, ConvBN, batch_norm_eval, check_bn, check_conv, main_path
 
 __all__ = ["TORCHVISION", "TorchvisionFamily"]
 
@@ -49,12 +49,7 @@ class TorchvisionFamily:
                 f"block {name} is a {type(module).__name__}; purenn supports torchvision's BasicBlock and "
                 "Bottleneck residual blocks."
             )
-        main = []
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            check_conv(conv, f"{name}.{conv_name}")
-            check_bn(bn, f"{name}.{bn_name}")
-            main.append(ConvBN(conv, bn))
+        main = main_path(module, name, pairs)
         if not isinstance(getattr(module, "relu", None), nn.ReLU):
             raise UnsupportedModelError(
                 f"block {name} has no nn.ReLU named 'relu'; other activations are not supported."
@@ -70,7 +65,7 @@ class TorchvisionFamily:
             check_conv(down[0], f"{name}.downsample.0")
             check_bn(down[1], f"{name}.downsample.1")
             ds = ConvBN(down[0], down[1])
-        block = Block(name, module, tuple(main), ds)
+        block = Block(name, module, main, ds)
         if ds is None and block.in_channels != block.out_channels:
             raise UnsupportedModelError(f"block {name} changes channels without a downsample path.")
         return block
