@@ -186,6 +186,19 @@ def _describe_layout(layout: tuple[str, tuple[int, ...], int, int]) -> str:
     return f"{text} (a {name})" if name else text
 
 
+def _load_weights(model: Any, state: dict[str, Any], stem: Any, path: Path, what: str) -> Any:
+    """Load ``state`` strictly into ``model`` (an :class:`InputError` naming ``what`` when it does not
+    fit) and return the model in eval mode, in the dtype of its stem weight ``stem`` (float32 for others)."""
+    import torch
+
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
+        raise InputError(f"{str(path)!r} does not fit {what}: {' '.join(lines)[:600]}") from None
+    return model.to(stem.dtype if stem.is_floating_point() else torch.float32).eval()
+
+
 def load_checkpoint_model(
     arch: str, checkpoint: str | os.PathLike, *, blocks: Sequence[int] | None = None, stem_stride: int | None = None
 ) -> Any:
@@ -206,7 +219,6 @@ def load_checkpoint_model(
     Example:
         >>> model = load_checkpoint_model("resnet18", "weights.pt")          # doctest: +SKIP
     """
-    import torch
     import torchvision
     from torch import nn
 
@@ -250,17 +262,11 @@ def load_checkpoint_model(
         model.conv1 = nn.Conv2d(in_ch, out_ch, (kh, kw), stride, (kh // 2, kw // 2), bias="conv1.bias" in state)
         if (kh, kw) != (7, 7):
             model.maxpool = nn.Identity()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
-        raise InputError(f"{str(path)!r} does not fit {arch}: {' '.join(lines)[:600]}") from None
-    return model.to(conv1.dtype if conv1.is_floating_point() else torch.float32).eval()
+    return _load_weights(model, state, conv1, path, str(arch))
 
 
 def _rebuild_recorded(recorded: dict[str, Any], state: dict[str, Any], path: Path, stem_stride: int | None) -> Any:
     """The model a checkpoint's recorded architecture describes, with its weights."""
-    import torch
 
     from .errors import FileFormatError
     from .io import build_base_model
@@ -273,13 +279,7 @@ def _rebuild_recorded(recorded: dict[str, Any], state: dict[str, Any], path: Pat
         model = build_base_model(recorded)
     except FileFormatError as e:
         raise InputError(f"{str(path)!r}: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
-        raise InputError(f"{str(path)!r} does not fit the architecture it records: {' '.join(lines)[:600]}") from None
-    conv1 = state["conv1.weight"]
-    return model.to(conv1.dtype if conv1.is_floating_point() else torch.float32).eval()
+    return _load_weights(model, state, state["conv1.weight"], path, "the architecture it records")
 
 
 def torchvision_model(arch: str, weights: str) -> Any:
@@ -343,7 +343,6 @@ def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
         >>> model = timm_model("timm:resnet50.a1_in1k", checkpoint="weights.pth")   # doctest: +SKIP
     """
     import timm
-    import torch
 
     name = check_timm_name(name)
     if (checkpoint is None) == (not pretrained):
@@ -370,12 +369,7 @@ def timm_model(name: str, *, checkpoint: str | os.PathLike | None = None, pretra
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:
         raise InputError(f"timm cannot build {name!r} ({e}).") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
-        raise InputError(f"{str(path)!r} does not fit timm's {name}: {' '.join(lines)[:600]}") from None
-    return model.to(stem.dtype if stem.is_floating_point() else torch.float32).eval()
+    return _load_weights(model, state, stem, path, f"timm's {name}")
 
 
 @dataclass
