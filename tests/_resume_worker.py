@@ -6,22 +6,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torchvision
 
 import purenn
-
-
-def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=5)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.reset_running_stats()
-            mod.momentum = None
-    m.train()
-    with torch.no_grad():
-        m(torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
-    return m.eval()
+from _dist_worker import model  # the same small calibrated resnet18 as the distributed tests
 
 
 def data() -> torch.Tensor:
