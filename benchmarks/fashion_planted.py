@@ -428,17 +428,23 @@ def main(argv: list[str] | None = None) -> int:
     md = table(summary, scores, probe_res, unlearn_res, acc)
     print(md)
     cmd = "python benchmarks/fashion_planted.py" + (" --smoke" if a.smoke else "")
-    (a.out / "results.md").write_text(f"`{cmd}`\n\n{md}\n")
     for s in scores.values():
         for v in s.values():
             v.pop("scores")
+    write_results(a, cmd, md, {"source": train.source, "superclass_accuracy": acc, "summary": summary,
+                               "scores": scores, "probe": probe_res, "unlearn": unlearn_res, "figures": figs,
+                               "per_neuron": results})
+    return 0
+
+
+def write_results(a, cmd: str, md: str, payload: dict) -> None:
+    """``results.md`` (the command, then ``md``) and ``results.json`` (the arguments, ``payload`` and the
+    seconds since the start) in ``a.out``; used by this script and the ones built on it."""
+    (a.out / "results.md").write_text(f"`{cmd}`\n\n{md}\n")
     (a.out / "results.json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(a).items()}, "source": train.source, "superclass_accuracy": acc,
-        "summary": summary, "scores": scores, "probe": probe_res, "unlearn": unlearn_res, "figures": figs,
-        "per_neuron": results, "seconds": time.time() - T0,
+        "args": {k: str(v) for k, v in vars(a).items()}, **payload, "seconds": time.time() - T0,
     }, indent=1, default=float))
     log(f"done; results in {a.out}")
-    return 0
 
 
 if __name__ == "__main__":

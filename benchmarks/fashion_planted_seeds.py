@@ -165,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     cmd = "python benchmarks/fashion_planted_seeds.py" + (" --smoke" if a.smoke else "") + \
         f" --seeds {','.join(map(str, a.seeds))}"
-    (a.out / "results.md").write_text(f"`{cmd}`\n\n{md}\n")
-    (a.out / "results.json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(a).items()}, "aggregate": agg,
-        "seconds": time.time() - fp.T0}, indent=1, default=float))
-    fp.log(f"done; results in {a.out}")
+    fp.write_results(a, cmd, md, {"aggregate": agg})
     return 0
 
 

@@ -250,11 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_runs and Path(a.from_runs).with_name("results.md").is_file():  # keep the command that ran the models
         first = Path(a.from_runs).with_name("results.md").read_text().splitlines()[0].strip("`")
         cmd = first if "--from-runs" not in first else cmd
-    (a.out / "results.md").write_text(f"`{cmd.strip()}`\n\n{md}\n")
-    (a.out / "results.json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(a).items()}, "aggregate": agg,
-        "seconds": time.time() - fp.T0}, indent=1, default=float))
-    fp.log(f"done; results in {a.out}")
+    fp.write_results(a, cmd.strip(), md, {"aggregate": agg})
     return 0
 
 
