@@ -90,6 +90,23 @@ def test_two_layers_save_load_roundtrip(case, tmp_path):
     assert torch.equal(pm2(x), pm(x))
     assert torch.equal(pm2.gates(x)["layer3"], pm.gates(x)["layer3"])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the scores are the concept's effect, and the file says so (inspect, report and figures label them)
+    assert [pm2.pure_layer(n).score_kind for n in pm2.layers] == ["concept", "concept"]
+
+
+def test_inspect_names_the_concept_effect(case, tmp_path, capsys):
+    from purenn import cli
+
+    model, clean, stamped = case
+    pm = purify_concept(model, "layer4", stamped, clean, neurons=3)
+    pm.save(tmp_path / "c.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "c.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "most polysemantic" not in out
+    assert "score (layer4): the concept's effect on the neuron's activation mass" in out
+    from purenn.report import _score_note
+
+    assert "layer4: the concept&#x27;s effect" in _score_note(pm) and "polysemantic" not in _score_note(pm)
 
 
 def test_bad_inputs(case):

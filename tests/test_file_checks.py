@@ -137,6 +137,8 @@ def _layer(config, name):
     (lambda c: _layer(c, "layer3")["config"].update(upstream="layer3"), "upstream 'layer3' is not before"),
     (lambda c: _layer(c, "layer3")["config"].update(upstream=7), "'upstream' is 7; it must be a layer name"),
     (lambda c: _layer(c, "layer3")["config"].update(gate="psychic"), "gate"),
+    (lambda c: _layer(c, "layer3")["config"].update(score_kind="<b>x</b>"), "'score_kind' is '<b>x</b>'; it must be"),
+    (lambda c: _layer(c, "layer3")["config"].update(score_kind=3), "'score_kind' is 3; it must be null or a short"),
     (lambda c: _layer(c, "layer4.1").update(suppressed=[]), "'suppressed' disagrees with the stored merge weights"),
     (lambda c: _layer(c, "layer3").update(scores=[0.5, 0.5, 0.5]), "'scores' disagrees"),
     (lambda c: c.update(max_memory=-1), "max_memory -1; it must be a positive integer"),
@@ -160,6 +162,17 @@ def test_a_skip_aware_flip_that_the_architecture_allows_needs_verify_false(saved
         purenn.load_purified(path)
     pm2 = purenn.load_purified(path, verify=False)
     assert pm2.pure_layer("layer4.1").skip_aware is False
+
+
+def test_a_file_without_score_kind_loads_with_none(saved, tmp_path):
+    """Files written before the score kind was recorded load; inspect then says the kind is not recorded."""
+    config = config_of(saved[1])
+    assert {e["config"]["score_kind"] for e in config["layers"]} == {"contrast"}
+    for e in config["layers"]:
+        del e["config"]["score_kind"]
+    path = rewrite(saved[1], tmp_path / "older.safetensors", config=config)
+    pm2 = purenn.load_purified(path, verify=False)
+    assert [pm2.pure_layer(n).score_kind for n in pm2.layers] == [None] * len(pm2.layers)
 
 
 # ------------------------------------------------------------------------------------------ content hashes

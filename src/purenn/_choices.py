@@ -4,7 +4,8 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.gating` and :mod:`purenn.cluster` re-export them.
 """
 
-__all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "MAX_DPI", "RULES"]
+__all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "CONCEPT_SCORE", "MAX_DPI", "RULES", "score_text",
+           "is_score_kind"]
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
@@ -20,3 +21,28 @@ PRECISIONS = ("float32", "tf32", "bf16")
 DEFAULT_SCORE = "contrast"
 #: relevance rules of :mod:`purenn.rules` (PURE's gradient, then zennit's LRP rules)
 RULES = ("gradient", "epsilon", "zplus", "alpha2beta1", "gamma")
+#: ``PureLayer.score_kind`` of layers split by :func:`purenn.concept.purify_concept`: their scores are the
+#: concept's effect on each neuron's activation mass, not a polysemanticity score
+CONCEPT_SCORE = "concept"
+
+
+def is_score_kind(kind: object) -> bool:
+    """Whether ``kind`` is a valid ``PureLayer.score_kind``: ``None`` or a short lower-case name."""
+    return kind is None or (isinstance(kind, str) and 0 < len(kind) <= 40
+                            and all(c.islower() or c.isdigit() or c in "_+-" for c in kind))
+
+
+def score_text(kind: str | None) -> str:
+    """What a layer's ``scores`` measure, in words, from its ``score_kind`` (``None``: a file that does not say).
+
+    Example:
+        >>> score_text("contrast")
+        'polysemanticity (contrast score)'
+        >>> score_text(CONCEPT_SCORE)
+        "the concept's effect on the neuron's activation mass"
+    """
+    if kind is None:
+        return "score (kind not recorded)"
+    if kind == CONCEPT_SCORE:
+        return "the concept's effect on the neuron's activation mass"
+    return f"polysemanticity ({kind} score)"

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._choices import MAX_DPI
+from ._choices import CONCEPT_SCORE, MAX_DPI, score_text
 from ._validate import check_int, check_number
 from ._version import __version__
 from .errors import PurennError
@@ -411,7 +411,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for name in pm.layers:
         pl = pm.pure_layer(name)
         layers.append({"layer": name, "upstream": pl.upstream, "gate": pl.gate, "rule": pl.rule.config(),
-                       "skip_aware": pl.skip_aware,
+                       "skip_aware": pl.skip_aware, "score_kind": pl.score_kind,
                        "channels": pl.channels, "fitted": len(pl.neurons), "split": int((pl.n_clusters > 1).sum()),
                        "virtual": pl.n_virtual, "suppressed": int((pl.merge_weight == 0).sum())})
     neurons = _neuron_rows(pm, args.top)
@@ -444,14 +444,21 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           "  virtual: the layer's virtual neurons (the purified channels' parts, plus one per channel left whole)\n"
           "  suppressed: virtual neurons switched off")
     print()
-    print(f"most polysemantic neurons (top {len(neurons)} by score):")
+    kinds = {r["score_kind"] for r in layers}
+    what = "most polysemantic neurons" if CONCEPT_SCORE not in kinds else "purified neurons, highest score first"
+    print(f"{what} (top {len(neurons)} by score):")
     rows = [[r["layer"], r["channel"], f"{r['score']:.4f}", "  ".join(
         f"{v['name']}=v{v['index']}:{v['n_refs']}{' (off)' if v['suppressed'] else ''}" for v in r["virtual"])]
         for r in neurons]
     print(_table(rows, ["layer", "channel", "score", "virtual neurons"]))
-    print("  score: polysemanticity, from the clusters of the references' circuits (contrast, the default: how "
-          "balanced and how\n    different they are, 0 to 1)\n"
-          "  virtual neurons: CHANNEL.CLUSTER=vINDEX:REFERENCES; INDEX is the position in the layer's pure features, "
+    for kind in sorted(kinds, key=str):
+        where = ", ".join(r["layer"] for r in layers if r["score_kind"] == kind)
+        print(f"  score ({where}): {score_text(kind)}" + {
+            "contrast": ", from the clusters of the references' circuits: how balanced and how different they are, "
+                        "0 to 1",
+            "silhouette": ", the silhouette of the references' circuits in their clusters, -1 to 1",
+            CONCEPT_SCORE: " (concept minus other examples); not a polysemanticity score"}.get(kind, ""))
+    print("  virtual neurons: CHANNEL.CLUSTER=vINDEX:REFERENCES; INDEX is the position in the layer's pure features, "
           "(off) = suppressed")
     data = (config.get("reference_data") or {}).get("options")
     if data:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._choices import CONCEPT_SCORE
 from .arch import ResNetSpec
 from .data import DataSource
 from .errors import ConfigError, DataError, LayerError
@@ -400,7 +401,7 @@ def purify_concept(
                     layer=p.layer, upstream=p.upstream, channels=spec.channels(p.position), neurons=list(chosen),
                     centroids=centroids.to(dtype), n_clusters=torch.full((k,), n_cl, dtype=torch.long),
                     scores=effect.float(), ref_counts=counts, skip_aware=p.skip_aware and gate in CIRCUIT_GATES,
-                    rule=p.rule, gate=gate, gate_weight=gate_weight,
+                    rule=p.rule, gate=gate, gate_weight=gate_weight, score_kind=CONCEPT_SCORE,
                 ).to(device)
             )
     return PurifiedModel(base, layers_out, max_memory=int(max_memory))

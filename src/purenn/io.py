@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ._choices import is_score_kind
 from ._files import as_path, resolve_target, write_chunks
 from ._version import __version__
 from .arch import ResNetSpec, input_conv
@@ -642,6 +643,8 @@ def _check_layer_config(path: Path, cfg: Mapping[str, Any]) -> None:
     w = cfg.get("gate_weight", 0.5)
     if not _is_number(w) or not math.isfinite(w) or w < 0:
         raise bad("gate_weight", "a finite number >= 0")
+    if not is_score_kind(cfg.get("score_kind")):
+        raise bad("score_kind", "null or a short lower-case score name")
 
 
 def _check_layer_tensors(path: Path, layer: str, tensors: Mapping[str, Tensor], dtype: torch.dtype) -> None:

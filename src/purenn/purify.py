@@ -448,6 +448,7 @@ def purify_model(
                 rule=rule,
                 gate=gate,
                 gate_weight=gate_weight,
+                score_kind=score,
             ).to(device)
         )
     pm = PurifiedModel(model, pure_layers, max_memory=int(max_memory))

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ._choices import score_text
 from ._version import __version__
 from .errors import ConfigError, DataError
 
@@ -323,6 +324,18 @@ def _neuron_html(n: _Neuron, labels: np.ndarray | None, class_names: Sequence[st
             "</figure></div></article>")
 
 
+def _score_note(pm: Any) -> str:
+    """The page's sentence on what the scores measure, per kind of score present (``PureLayer.score_kind``)."""
+    kinds: dict[Any, list[str]] = {}
+    for name in pm.layers:
+        kinds.setdefault(pm.pure_layer(name).score_kind, []).append(name)
+    if set(kinds) <= {"contrast", "silhouette", None}:
+        return ("The <b>score</b> rates how clearly the references' circuits fall into separate groups (higher: more "
+                "polysemantic).")
+    return "The <b>score</b> is, per layer: " + "; ".join(
+        f"{_e(', '.join(layers))}: {_e(score_text(kind))}" for kind, layers in kinds.items()) + "."
+
+
 def _th(label: str, numeric: bool = False, sort: str | None = None, sortable: bool = True, hint: str = "") -> str:
     attrs = ' class="num" data-type="num"' if numeric else ' data-type="text"'
     attrs += f' aria-sort="{sort}"' if sort else ""
@@ -437,8 +450,7 @@ def _page(pm: Any, neurons: list[_Neuron], labels: np.ndarray | None, class_name
 <b>virtual neurons</b> k.0, k.1, ...: for each input, the virtual neuron whose circuit (the relevance of the upstream
 channels to this channel) is nearest to the input's circuit carries the channel's whole activation, the others carry
 zero, so their sum is the original channel. <b>References</b> are the inputs that activate the channel most; each is
-assigned to one virtual neuron. The <b>score</b> rates how clearly the references' circuits fall into separate groups
-(higher: more polysemantic).</p></section>
+assigned to one virtual neuron. {_score_note(pm)}</p></section>
 <section id="neurons"><h2>Purified neurons</h2>
 <p class="meta">{_e(count)}. Click a column header to sort; click a layer or channel to see the neuron.
 {"Label purity: the share of references whose class is the most frequent class of their virtual neuron."

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._choices import is_score_kind
 from ._validate import as_int, check_int, check_memory
 from .arch import Block, BlockRecord, ResNetSpec, input_conv
 from .errors import ConfigError, LayerError
@@ -102,6 +103,9 @@ class PureLayer(nn.Module):
             forward-only baseline of :mod:`purenn.gating` (``"activation"``: the target layer's
             pooled activations, PURE's evaluation baseline; ``"upstream"``; ``"map"``).
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
+        score_kind: what ``scores`` measure: a polysemanticity score's name (``"contrast"``,
+            ``"silhouette"``), ``"concept"`` (:func:`purenn.concept.purify_concept`: the concept's
+            effect) or ``None`` (not recorded); shown by ``inspect``, ``report`` and figures.
         rule: relevance rule: a name (``"gradient"``, PURE's, or zennit's ``"epsilon"``, ``"zplus"``,
             ``"alpha2beta1"``, ``"gamma"``), a :class:`purenn.rules.Rule` or its saved config;
             stored as a :class:`~purenn.rules.Rule` and used by the gate.
@@ -128,9 +132,13 @@ class PureLayer(nn.Module):
         rule: str | Rule | Mapping[str, Any] = "gradient",
         gate: str = "circuit",
         gate_weight: float = 0.5,
+        score_kind: str | None = None,
     ) -> None:
         super().__init__()
         self.gate = check_gate(gate)
+        if not is_score_kind(score_kind):
+            raise ConfigError(f"score_kind must be None or a short lower-case name ('contrast'), got {score_kind!r}.")
+        self.score_kind = score_kind
         self.gate_weight = check_gate_weight(gate_weight)
         self.layer, self.upstream, self.channels = layer, upstream, int(channels)
         self.skip_aware, self.rule = bool(skip_aware), rule_from_config(rule)
@@ -179,7 +187,7 @@ class PureLayer(nn.Module):
         self.register_buffer("channel_slots", pad, persistent=False)
 
     #: constructor arguments that are plain values (the rest are the saved buffers)
-    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule", "gate", "gate_weight")
+    CONFIG_KEYS = ("layer", "upstream", "channels", "skip_aware", "rule", "gate", "gate_weight", "score_kind")
     #: buffers saved in ``state_dict`` and given to the constructor by name
     TENSOR_KEYS = ("neurons", "centroids", "n_clusters", "scores", "ref_counts", "ref_indices", "ref_clusters")
 
@@ -192,7 +200,7 @@ class PureLayer(nn.Module):
     @classmethod
     def from_config(cls, config: dict, tensors: dict[str, Tensor]) -> PureLayer:
         """Rebuild from :meth:`config` and the tensors of ``state_dict`` (``merge_weight`` optional)."""
-        optional = {"gate": "circuit", "gate_weight": 0.5}  # keys added after the first file format
+        optional = {"gate": "circuit", "gate_weight": 0.5, "score_kind": None}  # keys added after the first format
         plain = {k: config.get(k, optional.get(k)) if k in optional else config[k] for k in cls.CONFIG_KEYS}
         layer = cls(**plain, **{k: tensors[k] for k in cls.TENSOR_KEYS})
         if "merge_weight" in tensors:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._choices import MAX_DPI
+from ._choices import CONCEPT_SCORE, MAX_DPI
 from ._files import as_path, atomic_write, resolve_target
 from ._validate import check_int
 from .data import DataSource
@@ -261,7 +261,8 @@ def neuron_figure(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=7, loc="best", frameon=False)
-    fig.suptitle(f"{layer} neuron {channel}: {n_cl} virtual neurons, score {score:.3f}, upstream {pl.upstream}",
+    what = "concept effect" if pl.score_kind == CONCEPT_SCORE else "score"
+    fig.suptitle(f"{layer} neuron {channel}: {n_cl} virtual neurons, {what} {score:.3f}, upstream {pl.upstream}",
                  fontsize=10)
     return fig
 
