@@ -386,8 +386,8 @@ def timm_zennit_circuits(model, x, layer, upstream, neurons, rule):
                            layer_map=[(ConstantGate, Pass())])
 
 
-def timm_small(block: str, seed: int = 0, **kwargs) -> nn.Module:
-    """A small timm ResNet (float64) with random BatchNorm affine parameters (timm zero-initialises each
+def timm_small(block: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
+    """A small timm ResNet with random BatchNorm affine parameters (timm zero-initialises each
     block's last BatchNorm) and statistics calibrated on random images."""
     timm = pytest.importorskip("timm")
     from conftest import calibrate_bn
@@ -402,7 +402,7 @@ def timm_small(block: str, seed: int = 0, **kwargs) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.3, 1.0, generator=g)
                 m.bias.normal_(0.0, 0.1, generator=g)
-    return calibrate_bn(model, torch.rand(8, 3, 37, 45, generator=g)).double()
+    return calibrate_bn(model, torch.rand(8, 3, 37, 45, generator=g)).to(dtype)
 
 
 #: (block, timm ResNet arguments, what it covers)
@@ -441,3 +441,32 @@ def test_rule_equals_zennit_on_timm_blocks(timm_models, rule, case):
         assert ref.abs().sum() > 0 and torch.isfinite(ref).all()
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("case", [5, 6], ids=["SE", "ECA and average-pool downsample"])
+def test_lrp_rule_purifies_gates_and_exports_timm_blocks(tmp_path, case):
+    """rule="epsilon" on small timm SE and ECA/-d models: same logits, the gates are the nearest centroids
+    of the rule's circuits, and ONNX Runtime gives the same gates as PyTorch."""
+    import onnxruntime as ort
+
+    block, kwargs, _ = TIMM_CASES[case]
+    model = timm_small(block, seed=case, dtype=torch.float32, **kwargs)
+    data = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # layer2: a downsample block (pooled for ECA) below the target block; layer3: the target's own downsample
+    neurons = {"layer2": [0, 3, 7, 12], "layer3": [1, 4, 9]}
+    pm = purenn.purify_model(model, ["layer2", "layer3"], data, n_refs=6, neurons=neurons, rule="epsilon",
+                             progress=False)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(pm(x), model(x))
+        gates = pm.gates(x)
+    for layer in pm.layers:
+        pl = pm.pure_layer(layer)
+        r = purenn.circuit_relevance(model, x, layer, pl.neurons.tolist(), pl.upstream, rule="epsilon")
+        assert torch.equal(_nearest(r, pl), gates[layer])
+    report = purenn.export_onnx(pm, tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    assert report.ok and all(v == 1.0 for v in report.gate_agreement.values())
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x.numpy()})))
+    for layer in pm.layers:
+        assert torch.equal(torch.from_numpy(out[f"gate.{layer}"]), gates[layer])
