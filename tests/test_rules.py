@@ -470,3 +470,23 @@ def test_lrp_rule_purifies_gates_and_exports_timm_blocks(tmp_path, case):
     out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x.numpy()})))
     for layer in pm.layers:
         assert torch.equal(torch.from_numpy(out[f"gate.{layer}"]), gates[layer])
+
+
+def test_lrp_rules_refuse_other_block_parts_by_name():
+    """The LRP steps hold for SE, ECA and the average pooling; any other attention or pooling a block
+    description might carry is refused by name, not computed wrongly (the gradient takes it)."""
+    from dataclasses import replace
+
+    from purenn.rules import block_factors
+
+    class OtherGate:
+        pass
+
+    spec = purenn.ResNetSpec(timm_small("basic", block_args={"attn_layer": "se"}))
+    with torch.no_grad():
+        _, recs = spec.run_until(torch.rand(1, 3, 32, 32, dtype=torch.float64), set(), {1})
+    for part in ("attn", "down_pool"):
+        blk = replace(spec.blocks[0], **{part: OtherGate()})
+        with pytest.raises(ConfigError, match="'gamma' rule has no LRP step for the OtherGate of block layer1.0"):
+            block_factors(Gamma(), blk, recs[1], torch.float64)
+        assert block_factors(get_rule("gradient"), blk, recs[1], torch.float64)["pool"] is None

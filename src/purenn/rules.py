@@ -55,6 +55,7 @@ from torch import Tensor
 
 from ._choices import RULES as RULE_NAMES
 from .arch import Block, BlockRecord, ConvBN
+from .arch.attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite
 from .errors import ConfigError
 
 __all__ = [
@@ -304,6 +305,13 @@ def block_factors(
     if not rule.is_lrp:
         acts = [(a > 0).to(dtype) for a in rec.acts]
         return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype), "pool": None}
+    for part, kinds in ((block.attn, (SqueezeExcite, EfficientChannelAttention)), (block.down_pool, (AvgPoolDown,))):
+        if part is not None and not isinstance(part, kinds):  # the factors below hold for these only
+            raise ConfigError(
+                f"the {rule.name!r} rule has no LRP step for the {type(part).__name__} of block {block.name}; "
+                "it supports SqueezeExcite, EfficientChannelAttention and AvgPoolDown (the 'gradient' rule "
+                "differentiates through any of purenn's block parts)."
+            )
     xs = [rec.inp, *rec.acts]
     last = len(block.main) - 1
     pool = None
