@@ -40,7 +40,8 @@ def _zennit_rule(name: str):
     }[name]()
 
 
-def zennit_circuits(model, x, layer, upstream, neurons, rule, exact_bn=True, eps=1e-12):
+def zennit_circuits(model, x, layer, upstream, neurons, rule, exact_bn=True, eps=1e-12, canonizer=None,
+                    layer_map=()):
     """The circuit zennit-crp's CondAttribution records at the upstream layer, from zennit itself.
 
     The segment (a deep copy; canonizers change modules) runs under zennit's ``ResNetCanonizer``
@@ -48,7 +49,9 @@ def zennit_circuits(model, x, layer, upstream, neurons, rule, exact_bn=True, eps
     BatchNorm pass, the residual ``Sum`` splits in proportion); the initial relevance is
     ``clamp(a_k, 0)`` in channel k at the target, and the relevance arriving at the upstream
     activation is summed over space and L1-normalised. zennit's merged BatchNorm keeps its ``eps``
-    (so each computes ``x / sqrt(1 + eps)``); ``exact_bn`` sets it to 0 after merging.
+    (so each computes ``x / sqrt(1 + eps)``); ``exact_bn`` sets it to 0 after merging. ``canonizer``
+    replaces the ``ResNetCanonizer`` (timm blocks: :func:`timm_canonizer`), ``layer_map`` comes first
+    in the composite's layer map.
     """
     from zennit.attribution import Gradient
     from zennit.canonizers import SequentialMergeBatchNorm
@@ -60,12 +63,13 @@ def zennit_circuits(model, x, layer, upstream, neurons, rule, exact_bn=True, eps
     model = copy.deepcopy(model)
     a_up = _output_of(model, upstream, x)
     seg = nn.Sequential(*_segment(model, upstream, layer))
+    canonizer = ResNetCanonizer() if canonizer is None else canonizer
     if rule == "gradient":
-        composite = Composite(canonizers=[ResNetCanonizer()])
+        composite = Composite(canonizers=[canonizer])
     else:
-        layer_map = [*layer_map_base(), (Convolution, _zennit_rule(rule))]
-        composite = LayerMapComposite(layer_map=layer_map, canonizers=[ResNetCanonizer()])
-    assert any(isinstance(c, SequentialMergeBatchNorm) for c in ResNetCanonizer().canonizers)
+        layer_map = [*layer_map, *layer_map_base(), (Convolution, _zennit_rule(rule))]
+        composite = LayerMapComposite(layer_map=layer_map, canonizers=[canonizer])
+    assert any(isinstance(c, SequentialMergeBatchNorm) for c in canonizer.canonizers)
     out = []
     for k in neurons:
         def init(o, k=k):
@@ -284,10 +288,9 @@ def test_purify_concept_centroids_are_mass_weighted_zennit_circuits():
         torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)
 
 
-def test_timm_blocks_without_attention_take_the_rules_and_attention_is_refused():
+def test_timm_resnet18_takes_the_rules_as_torchvision_does():
     """A timm resnet18 holds torchvision's state_dict layout: under every rule its relevance equals the
-    torchvision model's with the same weights (which the tests above hold against zennit); blocks with
-    a channel attention (SE) are refused by the LRP rules, not computed wrongly."""
+    torchvision model's with the same weights (which the tests above hold against zennit)."""
     timm = pytest.importorskip("timm")
     import torchvision
 
@@ -303,7 +306,187 @@ def test_timm_blocks_without_attention_take_the_rules_and_attention_is_refused()
         a = purenn.circuit_relevance(tm, x, "layer3", [0, 7], rule=rule)
         b = purenn.circuit_relevance(tv, x, "layer3", [0, 7], rule=rule)
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    se = timm.create_model("seresnet18", pretrained=False, num_classes=3).eval()
-    with pytest.raises(ConfigError, match="'epsilon' rule .* channel attention"):
-        purenn.circuit_relevance(se, torch.rand(1, 3, 32, 32), "layer3", [0], rule="epsilon")
-    assert purenn.circuit_relevance(se, torch.rand(1, 3, 32, 32), "layer3", [0]).shape == (1, 1, 128)
+
+
+# ------------------------------------------------------------------ timm blocks against zennit
+class ConstantGate(nn.Module):
+    """``y = x * gate`` with ``gate`` a detached tensor set right before each call: a constant to zennit."""
+
+    def forward(self, x):
+        return x * self.gate
+
+
+def timm_canonizer():
+    """zennit's ``ResNetCanonizer`` for timm blocks: ``SequentialMergeBatchNorm`` (timm registers each
+    convolution right before its BatchNorm, the downsample's too), timm's BasicBlock/Bottleneck forward
+    with the residual sum through a ``zennit.layer.Sum`` module (zennit's ``Norm`` rule splits it), and
+    SE/ECA forwards that multiply by their gate *detached*, through a :class:`ConstantGate` module.
+
+    Detaching is the modelling choice purenn documents for LRP rules: the gate is a constant, all
+    relevance goes through the signal path and none into the gate branch ("signal takes all", Arras
+    et al. 2017 for LSTM gates, Ali et al. 2022 for attention), so relevance is conserved. zennit
+    passes relevance from hook to hook as the gradient, so a plain ``x * gate.detach()`` would scale
+    it by the gate; the multiplication is therefore a module, which the composite gives zennit's
+    ``Pass`` rule (``R_x = R_y``). An ``AvgPool2d`` in a downsample gets zennit's ``Norm`` rule from
+    ``layer_map_base``, as in zennit's own composites.
+    """
+    import timm
+    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+    from zennit.layer import Sum
+
+    r = timm.models.resnet
+
+    def bottleneck(self, x):
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act3(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+    def basic(self, x):
+        shortcut = x
+        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        x = self.bn2(self.conv2(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        return self.act2(self.canonizer_sum(torch.stack([shortcut, x], dim=-1)))
+
+    def se(self, x):
+        s = self.gate(self.fc2(self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True))))))
+        self.canonizer_gate.gate = s.detach()
+        return self.canonizer_gate(x)
+
+    def eca(self, x):
+        s = self.gate(self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))).view(x.shape[0], -1, 1, 1)
+        self.canonizer_gate.gate = s.detach()
+        return self.canonizer_gate(x)
+
+    def attributes(name, module):
+        for cls, forward, extra, new in ((r.Bottleneck, bottleneck, "canonizer_sum", Sum),
+                                         (r.BasicBlock, basic, "canonizer_sum", Sum),
+                                         (timm.layers.SEModule, se, "canonizer_gate", ConstantGate),
+                                         (timm.layers.EcaModule, eca, "canonizer_gate", ConstantGate)):
+            if type(module) is cls:
+                return {"forward": forward.__get__(module), extra: new()}
+        return None
+
+    return CompositeCanonizer((SequentialMergeBatchNorm(), AttributeCanonizer(attributes)))
+
+
+def timm_zennit_circuits(model, x, layer, upstream, neurons, rule):
+    from zennit.rules import Pass
+
+    return zennit_circuits(model, x, layer, upstream, neurons, rule, canonizer=timm_canonizer(),
+                           layer_map=[(ConstantGate, Pass())])
+
+
+def timm_small(block: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.Module:
+    """A small timm ResNet with random BatchNorm affine parameters (timm zero-initialises each
+    block's last BatchNorm) and statistics calibrated on random images."""
+    timm = pytest.importorskip("timm")
+    from conftest import calibrate_bn
+
+    torch.manual_seed(seed)
+    r = timm.models.resnet
+    cls, channels = (r.BasicBlock, (16, 32, 48, 64)) if block == "basic" else (r.Bottleneck, (8, 16, 24, 32))
+    model = r.ResNet(cls, [1, 2, 1, 1], num_classes=3, channels=channels, stem_width=16, **kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.3, 1.0, generator=g)
+                m.bias.normal_(0.0, 0.1, generator=g)
+    return calibrate_bn(model, torch.rand(8, 3, 37, 45, generator=g)).to(dtype)
+
+
+#: (block, timm ResNet arguments, what it covers)
+TIMM_CASES = [
+    ("basic", {}, "plain BasicBlock (resnet18/34)"),
+    ("bottleneck", {}, "plain Bottleneck (resnet26/50)"),
+    ("basic", {"stem_type": "deep", "avg_down": True}, "BasicBlock, average-pool downsample (resnet18d)"),
+    ("bottleneck", {"stem_type": "deep", "avg_down": True}, "Bottleneck, average-pool downsample (resnet26d/50d)"),
+    ("basic", {"block_args": {"attn_layer": "se"}}, "SE BasicBlock (seresnet18)"),
+    ("bottleneck", {"block_args": {"attn_layer": "se"}}, "SE Bottleneck (seresnet50)"),
+    ("bottleneck", {"stem_type": "deep", "avg_down": True, "block_args": {"attn_layer": "eca"}},
+     "ECA Bottleneck, average-pool downsample (ecaresnet50d)"),
+    ("bottleneck", {"stem_type": "deep", "avg_down": True, "block_args": {"attn_layer": "se"}, "cardinality": 4,
+                    "base_width": 8}, "grouped SE Bottleneck, average-pool downsample (seresnext26d)"),
+]
+#: (target, upstream): from the stem (stride-1 downsample, no pooling), 2 blocks with a strided
+#: downsample and an identity skip, 1 block from odd sizes 5x6 (ceil-mode pooling windows)
+TIMM_TARGETS = [("layer1", "maxpool"), ("layer2", "layer1"), ("layer3", "layer2")]
+
+
+@pytest.fixture(scope="module")
+def timm_models():
+    return [timm_small(block, seed=i, **kwargs) for i, (block, kwargs, _) in enumerate(TIMM_CASES)]
+
+
+@pytest.mark.parametrize("rule", LRP_RULES)
+@pytest.mark.parametrize("case", range(len(TIMM_CASES)), ids=[what for *_, what in TIMM_CASES])
+def test_rule_equals_zennit_on_timm_blocks(timm_models, rule, case):
+    model = timm_models[case]
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(2, 3, 37, 45, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for layer, upstream in TIMM_TARGETS:
+        neurons = [0, 5, 11]
+        ours = purenn.circuit_relevance(model, x, layer, neurons, upstream=upstream, rule=rule)
+        ref = timm_zennit_circuits(model, x, layer, upstream, neurons, rule)
+        assert ref.abs().sum() > 0 and torch.isfinite(ref).all()
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("case", [5, 6], ids=["SE", "ECA and average-pool downsample"])
+def test_lrp_rule_purifies_gates_and_exports_timm_blocks(tmp_path, case):
+    """rule="epsilon" on small timm SE and ECA/-d models: same logits, the gates are the nearest centroids
+    of the rule's circuits, and ONNX Runtime gives the same gates as PyTorch."""
+    import onnxruntime as ort
+
+    block, kwargs, _ = TIMM_CASES[case]
+    model = timm_small(block, seed=case, dtype=torch.float32, **kwargs)
+    data = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    # layer2: a downsample block (pooled for ECA) below the target block; layer3: the target's own downsample
+    neurons = {"layer2": [0, 3, 7, 12], "layer3": [1, 4, 9]}
+    pm = purenn.purify_model(model, ["layer2", "layer3"], data, n_refs=6, neurons=neurons, rule="epsilon",
+                             progress=False)
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(pm(x), model(x))
+        gates = pm.gates(x)
+    for layer in pm.layers:
+        pl = pm.pure_layer(layer)
+        r = purenn.circuit_relevance(model, x, layer, pl.neurons.tolist(), pl.upstream, rule="epsilon")
+        assert torch.equal(_nearest(r, pl), gates[layer])
+    report = purenn.export_onnx(pm, tmp_path / "m.onnx", input_shape=(3, 32, 32))
+    assert report.ok and all(v == 1.0 for v in report.gate_agreement.values())
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x.numpy()})))
+    for layer in pm.layers:
+        assert torch.equal(torch.from_numpy(out[f"gate.{layer}"]), gates[layer])
+
+
+def test_lrp_rules_refuse_other_block_parts_by_name():
+    """The LRP steps hold for SE, ECA and the average pooling; any other attention or pooling a block
+    description might carry is refused by name, not computed wrongly (the gradient takes it)."""
+    from dataclasses import replace
+
+    from purenn.rules import block_factors
+
+    class OtherGate:
+        pass
+
+    spec = purenn.ResNetSpec(timm_small("basic", block_args={"attn_layer": "se"}))
+    with torch.no_grad():
+        _, recs = spec.run_until(torch.rand(1, 3, 32, 32, dtype=torch.float64), set(), {1})
+    for part in ("attn", "down_pool"):
+        blk = replace(spec.blocks[0], **{part: OtherGate()})
+        with pytest.raises(ConfigError, match="'gamma' rule has no LRP step for the OtherGate of block layer1.0"):
+            block_factors(Gamma(), blk, recs[1], torch.float64)
+        assert block_factors(get_rule("gradient"), blk, recs[1], torch.float64)["pool"] is None

@@ -71,7 +71,11 @@ class SegmentMasks:
     the ReLU mask after convolution ``i``, none for the last), ``skip[j]`` what enters the skip
     path at the residual sum, ``out`` the gradient arriving at the block output (the gradient rule:
     its ReLU mask; LRP rules: the block output, turning gradient-like values into relevance, folded
-    into ``main[-1]`` and ``skip`` except in the target block). ``None`` stands for 1.
+    into ``main[-1]`` and ``skip`` except in the target block), ``pool`` what the skip path's
+    gradient-like values at the output of an average pooling in front of the downsample convolution
+    are multiplied by before the pooling's backward step (LRP rules: zennit's ``Norm`` ratio; else
+    ``None``). ``None`` stands for 1. ``attn`` is the attention's recorded state, which only the
+    gradient rule reads (LRP rules hold the gate constant and leave it empty).
     """
 
     main: list[list[Tensor | None]]
@@ -80,6 +84,8 @@ class SegmentMasks:
     in_hw: tuple[int, int]
     act_hw: list[tuple[int, int]]
     attn: tuple[Tensor, ...] = ()  # the block attention's recorded state (purenn.arch.attention)
+    pool: Tensor | None = None
+    out_hw: tuple[int, int] | None = None  # the block output's size (the downsample input behind a pooling)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> SegmentMasks:
         """The same masks with ``fn`` applied to every tensor (adds or gathers the pair axis)."""
@@ -90,10 +96,12 @@ class SegmentMasks:
             in_hw=self.in_hw,
             act_hw=self.act_hw,
             attn=tuple(fn(t) for t in self.attn),
+            pool=None if self.pool is None else fn(self.pool),
+            out_hw=self.out_hw,
         )
 
     def tensors(self) -> list[Tensor]:
-        every = (*(t for ts in self.main for t in ts), *self.skip, self.out, *self.attn)
+        every = (*(t for ts in self.main for t in ts), *self.skip, self.out, *self.attn, self.pool)
         return [t for t in every if t is not None]
 
 
@@ -237,7 +245,8 @@ def segment_backward(
 
     The pass carries a gradient-like tensor ``g`` whose product with an activation is relevance;
     for the gradient rule ``g`` is the gradient and the masks are the ReLU masks, for an LRP rule
-    the masks are the rule's stabilised ratios (:mod:`purenn.rules`).
+    the masks are the rule's stabilised ratios (:mod:`purenn.rules`), and a channel attention's gate
+    is a constant whose factor the masks hold (only the gradient differentiates through the gate).
 
     Args:
         blocks: the residual blocks from the upstream layer (exclusive) to the target (inclusive).
@@ -256,10 +265,12 @@ def segment_backward(
         top_in_hw = m.act_hw[-1]
         w_last = rule.conv_weights(blk.main[-1])
         # a downsample behind a pooling (timm's avg_down) convolves at the output resolution
-        ds_hw = m.in_hw if blk.down_pool is None else _hw(m.out)
+        ds_hw = m.in_hw if blk.down_pool is None else m.out_hw
+        # LRP rules hold an attention's gate constant ("signal takes all"): its factor is in the masks
+        attn = None if rule.is_lrp else blk.attn
         if bi == last:
             # the relevance (gradient) at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
-            if blk.attn is None:
+            if attn is None:
                 gm = _rule_back(blk.main[-1], w_last, m.main[-1], a_sel, top_in_hw, onehot=neurons)
             else:  # channel attention (purenn.arch.attention): its pooled path reaches every channel
                 gm = _attn_back_onehot(blk, m, a_sel, neurons, top_in_hw)
@@ -272,14 +283,14 @@ def segment_backward(
                 skip = _rule_back(blk.downsample, w_ds, m.skip, a_sel, ds_hw, onehot=neurons)
         else:
             gs = g if m.out is None else g * m.out
-            gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs if blk.attn is None else blk.attn.backward(gs, m.attn),
+            gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs if attn is None else attn.backward(gs, m.attn),
                             top_in_hw)
             if blk.downsample is None:
                 skip = gs if m.skip[0] is None else gs * m.skip[0]
             else:
                 skip = _rule_back(blk.downsample, rule.conv_weights(blk.downsample), m.skip, gs, ds_hw)
         if blk.down_pool is not None:
-            skip = blk.down_pool.backward(skip, m.in_hw)
+            skip = blk.down_pool.backward(skip if m.pool is None else skip * m.pool, m.in_hw)
         for i in range(n_main - 2, -1, -1):
             cb = blk.main[i]
             gm = _rule_back(cb, rule.conv_weights(cb), m.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
@@ -318,7 +329,9 @@ def block_masks(
     out = []
     for i, (blk, r) in enumerate(zip(blocks, recs)):
         f = block_factors(rule, blk, r, r.inp.dtype if dtype is None else dtype, top=i == len(blocks) - 1)
-        out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts], tuple(r.attn)))
+        attn = () if rule.is_lrp else tuple(r.attn)  # an LRP rule's gate is constant: its state is not read
+        out.append(SegmentMasks(f["main"], f["skip"], f["out"], _hw(r.inp), [_hw(a) for a in r.acts], attn,
+                                f["pool"], _hw(r.out)))
     return out
 
 
@@ -410,6 +423,8 @@ def pair_relevance(
                 in_hw=top.in_hw,
                 act_hw=top.act_hw,
                 attn=tuple(t[si][None] for t in top.attn),
+                pool=None if top.pool is None else top.pool[si][None],
+                out_hw=top.out_hw,
             )
         )
         a_sel = a_target[si, ni].clamp(min=0)[None]

@@ -19,6 +19,18 @@ The residual sum ``z = main + skip`` splits relevance in proportion to its input
 (zennit's ``Pass``). The gradient rule is the special case without stabilised division: its
 factors are the ReLU masks and the circuit is gradient x activation.
 
+timm blocks (:mod:`purenn.arch.timm`) add two steps. The average pooling in front of a ``-d``
+model's downsample convolution (``AvgPool2d``, kernel = stride 2, ``ceil_mode``, border windows
+averaging what they cover) splits relevance in proportion to its inputs, zennit's ``Norm`` rule
+(which zennit's composites put on ``AvgPool2d``): ``R_in = x * pool^T(R / stab(pool(x)))``. A
+channel attention (SE, ECA: ``y = z * s``, the sigmoid gate ``s`` computed from the pooled ``z``)
+is crossed with the gate held constant, all relevance going through the signal ``z`` and none
+into the gate branch, ``R_z = R_y`` ("signal takes all", the standard LRP treatment of
+multiplicative gates: Arras et al. 2017 for LSTM gates, Ali et al. 2022 for attention), so
+relevance stays conserved. The gradient rule differentiates through the gate (the exact
+gradient, with the pooled path's term, :mod:`purenn.arch.attention`). Both are checked against
+zennit with a small timm canonizer in ``tests/test_rules.py``.
+
 Rules (zennit defaults): ``"gradient"`` (PURE's), ``"epsilon"`` (:class:`Epsilon`, eps 1e-6),
 ``"zplus"`` (:class:`ZPlus`), ``"alpha2beta1"`` (:class:`AlphaBeta`, alpha 2, beta 1),
 ``"gamma"`` (:class:`Gamma`, gamma 0.25). A new rule is a subclass with ``conv_weights`` and ``conv_factors``.
@@ -43,6 +55,7 @@ from torch import Tensor
 
 from ._choices import RULES as RULE_NAMES
 from .arch import Block, BlockRecord, ConvBN
+from .arch.attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite
 from .errors import ConfigError
 
 __all__ = [
@@ -93,7 +106,8 @@ class Rule:
     """A relevance rule: how relevance crosses a convolution and the residual sum.
 
     Subclasses set ``name`` and implement :meth:`conv_weights` and :meth:`conv_factors`. ``sum_stabilizer`` is the
-    stabiliser of the residual sum's proportional split (zennit's ``Norm`` on ``Sum``).
+    stabiliser of the proportional splits of zennit's ``Norm`` rule: the residual sum (zennit's ``Sum``)
+    and the average pooling of a ``-d`` downsample.
     """
 
     name: ClassVar[str] = ""
@@ -264,7 +278,8 @@ def block_factors(
 ) -> dict[str, Any]:
     """Per-sample tensors ``(B, C, H, W)`` the backward pass of ``block`` multiplies in, for ``rule``.
 
-    Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor}``:
+    Returns ``{"main": [[factor per term] per main conv], "skip": [factor per term], "out": tensor,
+    "pool": tensor or None}``:
     ``main[-1]`` and ``skip`` multiply the relevance at the residual sum, ``main[i]`` (``i`` before
     the last) multiplies the gradient-like quantity at the input of main conv ``i + 1``, ``out``
     the one at the block output. ``None`` means "multiply by 1". A list shorter than the rule's
@@ -274,39 +289,56 @@ def block_factors(
     Relevance only flows where a ReLU output is positive, and there the recorded output *is* the
     pre-activation: so the inner convolutions' outputs are the recorded activations, and the main
     branch before the residual sum is the block output minus the skip branch (elsewhere the
-    factors are multiplied by zero). Only the skip branch's convolution (a downsample) and the
-    rules' modified convolutions run again.
+    factors are multiplied by zero). Only the skip branch's convolution (a downsample, behind its
+    average pooling if any) and the rules' modified convolutions run again.
+
+    A channel attention (SE, ECA: ``y = z * s`` with the sigmoid gate ``s`` from pooled ``z``)
+    is crossed with its gate held constant, all relevance going through the signal ``z`` and none
+    into the gate branch ("signal takes all", as LRP treats multiplicative gates: Arras et al. 2017
+    for LSTMs, Ali et al. 2022 for attention): ``R_z = R_y``, so conservation holds, and the last
+    main convolution's factors are taken at its own output ``z``. An average pooling in front of
+    the downsample convolution (timm's ``-d`` models) takes zennit's ``Norm`` rule, as zennit's
+    composites map ``AvgPool2d``: ``R_in = x * pool^T(R_pooled / stab(pooled))``; its factor
+    ``pooled / stab(pooled)`` is returned as ``"pool"`` (``None`` without one), to multiply the
+    gradient-like quantity at the pooling output before the pooling's backward step.
     """
     if not rule.is_lrp:
         acts = [(a > 0).to(dtype) for a in rec.acts]
-        return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype)}
-    if block.attn is not None or block.down_pool is not None:
-        raise ConfigError(
-            f"the {rule.name!r} rule supports residual blocks of convolutions, BatchNorm and ReLU; block "
-            f"{block.name} has a channel attention or an average-pool downsample (timm), which only the "
-            "'gradient' rule handles so far."
-        )
+        return {"main": [[a] for a in acts] + [[None]], "skip": [None], "out": (rec.out > 0).to(dtype), "pool": None}
+    for part, kinds in ((block.attn, (SqueezeExcite, EfficientChannelAttention)), (block.down_pool, (AvgPoolDown,))):
+        if part is not None and not isinstance(part, kinds):  # the factors below hold for these only
+            raise ConfigError(
+                f"the {rule.name!r} rule has no LRP step for the {type(part).__name__} of block {block.name}; "
+                "it supports SqueezeExcite, EfficientChannelAttention and AvgPoolDown (the 'gradient' rule "
+                "differentiates through any of purenn's block parts)."
+            )
     xs = [rec.inp, *rec.acts]
     last = len(block.main) - 1
+    pool = None
     if block.downsample is None:
         x_skip = rec.inp
     else:
         ds = block.downsample
-        x_skip = _conv(ds, rec.inp, ds.folded_weight(), folded_bias(ds))
+        x_ds = rec.inp if block.down_pool is None else block.down_pool.forward(rec.inp)
+        x_skip = _conv(ds, x_ds, ds.folded_weight(), folded_bias(ds))
+        if block.down_pool is not None:  # zennit's Norm rule on the pooling (x_ds >= 0: 0 where it is 0)
+            pool = x_ds / stabilize(x_ds, rule.sum_stabilizer)
     x_main = rec.out - x_skip  # exact where the block output is positive, the only place it matters
+    # the last main convolution's output: before the attention's gate (recorded first in its state)
+    z_last = x_main if block.attn is None else rec.attn[0]
     inv = (rec.out > 0).to(dtype) / stabilize(rec.out, rule.sum_stabilizer)
     main: list[list[Tensor | None]] = []
     for i, cb in enumerate(block.main):
         if i < last:
             a = xs[i + 1]
             main.append([a * d for d in rule.conv_factors(cb, xs[i], a, True)])
-        else:
-            main.append([x_main * inv * d for d in rule.conv_factors(cb, xs[i], x_main, False)])
+        else:  # R_y = x_main * R / stab(out) at the sum; a gate passes it on unchanged (R_z = R_y)
+            main.append([x_main * inv * d for d in rule.conv_factors(cb, xs[i], z_last, False)])
     if block.downsample is None:
         skip: list[Tensor | None] = [inv]
     else:
-        skip = [x_skip * inv * d for d in rule.conv_factors(block.downsample, rec.inp, x_skip, False)]
+        skip = [x_skip * inv * d for d in rule.conv_factors(block.downsample, x_ds, x_skip, False)]
     if top:
-        return {"main": main, "skip": skip, "out": rec.out}
+        return {"main": main, "skip": skip, "out": rec.out, "pool": pool}
     main[-1] = [rec.out * f for f in main[-1]]
-    return {"main": main, "skip": [rec.out * f for f in skip], "out": None}
+    return {"main": main, "skip": [rec.out * f for f in skip], "out": None, "pool": pool}
