@@ -224,3 +224,17 @@ def test_rest_clusters(case):
     assert torch.equal(pm(x), model(x))
     with pytest.raises(ConfigError, match="rest_clusters"):
         purify_concept(model, "layer4", stamped, clean, neurons=2, rest_clusters=0)
+
+
+def test_shortcut_summary_writes_undefined_figures_as_na():
+    from purenn.unlearn import ShortcutReport
+
+    m = {"reliance": 0.0, "acc": 0.5, "acc_target": float("nan")}
+    rep = ShortcutReport(target=1, before=m, after=dict(m), whole=dict(m))
+    text = rep.summary()
+    assert "nan" not in text.lower() and text.count("n/a") == 3 + 2 + 1  # acc of target, removed, the note
+    assert "does not rely on the concept" in text
+    ok = ShortcutReport(target=1, before={**m, "reliance": 0.4, "acc_target": 0.9},
+                        after={**m, "reliance": 0.1, "acc_target": 0.8},
+                        whole={**m, "reliance": 0.0, "acc_target": 0.2})
+    assert " 75.0% " in ok.summary() and "100.0%" in ok.summary() and "n/a" not in ok.summary()

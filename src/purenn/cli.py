@@ -254,7 +254,8 @@ def _check_accuracy(args: argparse.Namespace, model: Any, data: LoadedData, n: i
     chance = float(np.bincount(y).max() / len(y))
     _say(args, f"model accuracy on {len(idx)} samples of this data ({kind}): {acc:.1%} (chance level {chance:.1%})")
     if acc <= chance + 0.25 * (1 - chance):
-        order = "; the folder's sub-folders must be the model's classes in its order" if args.data else ""
+        folder = getattr(args, "data", None) or getattr(args, "eval", None)
+        order = "; the folder's sub-folders must be the model's classes in its order" if folder else ""
         print(f"purenn {args.command}: warning: the model is near chance level on this data ({acc:.1%} on "
               f"{len(idx)} samples, chance {chance:.1%}). Check that the checkpoint is rebuilt as it was trained "
               f"(--stem-stride, --blocks) and that the data is preprocessed as in training (--image-size, "

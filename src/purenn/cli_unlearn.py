@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         if args.target not in clean.class_names:
             raise InputError(f"--target {args.target!r} is not a class of --eval: {clean.class_names}.")
         target = clean.class_names.index(args.target)
+        cli._check_accuracy(args, model, clean)  # a checkpoint rebuilt wrongly makes every figure meaningless
     elif args.target is not None:
         if not args.target.isdigit():
             raise InputError(f"--target {args.target!r}: without --eval, give the class as an index (0, 1, ...).")

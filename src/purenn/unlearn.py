@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,11 +372,19 @@ class ShortcutReport:
         return 1 - after["reliance"] / self.before["reliance"] if self.before["reliance"] > 0 else float("nan")
 
     def summary(self) -> str:
-        """A small table: reliance, reliance removed and accuracy costs per variant."""
+        """A small table: reliance, reliance removed and accuracy costs per variant (``n/a`` where a
+        figure is undefined: no reliance to remove, or no clean image of the target class)."""
+
+        def fmt(v: float, spec: str, width: int) -> str:
+            return f"{'n/a':>{width}s}" if math.isnan(v) else f"{v:{width}{spec}}"
+
         lines = [f"{'':24s} {'reliance':>9s} {'removed':>8s} {'clean acc':>10s} {'acc of target':>14s}"]
         for name, m, rem in (("original", self.before, 0.0), ("suppressed (purenn)", self.after, self.removed()),
                              ("whole channels off", self.whole, self.removed(True))):
-            lines.append(f"{name:24s} {m['reliance']:9.3f} {rem:8.1%} {m['acc']:10.3f} {m['acc_target']:14.3f}")
+            lines.append(f"{name:24s} {m['reliance']:9.3f} {fmt(rem, '.1%', 8)} {m['acc']:10.3f} "
+                         f"{fmt(m['acc_target'], '.3f', 14)}")
+        if not self.before["reliance"] > 0:
+            lines.append("removed: n/a, the original model does not rely on the concept here (reliance <= 0)")
         return "\n".join(lines)
 
 
