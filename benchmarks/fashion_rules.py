@@ -18,7 +18,7 @@ It reuses ``fashion_planted.py`` (model, references, neuron sets, score AUROC) a
     python benchmarks/fashion_rules.py --seeds 0,1 --n-train 10000 --n-fit 3000 --n-test 3000 --n-refs 30 \
         --max-neurons 40                                              # 21 min on 2 CPU cores (README)
     python benchmarks/fashion_rules.py --smoke                        # tiny models and data, < 1 min
-    python benchmarks/fashion_rules.py --from-runs DIR/runs.json      # aggregate finished models/rules
+    python benchmarks/fashion_rules.py --from-runs A/runs.json B/runs.json   # aggregate finished models/rules
 
 Options not listed here are those of ``fashion_planted.py``. Results are written after every rule
 of every model (``runs.json``), so a stopped run keeps what finished.
@@ -43,7 +43,7 @@ import purenn  # noqa: E402
 from purenn.cluster import CircuitKMeans  # noqa: E402
 from purenn.data import DataSource  # noqa: E402
 from purenn.fitting import fit_circuits  # noqa: E402
-from purenn.metrics import disentanglement, score_auroc  # noqa: E402
+from purenn.metrics import disentanglement, paired_test, score_auroc  # noqa: E402
 from purenn.purify import LayerPlan  # noqa: E402
 from purenn.rules import get_rule  # noqa: E402
 
@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--seeds", default="0,1", help="comma-separated training seeds (at least two)")
     own.add_argument("--rules", default=",".join(ALL_RULES), help="comma-separated rules")
-    own.add_argument("--from-runs", default=None, help="aggregate an earlier (possibly stopped) run's runs.json")
+    own.add_argument("--from-runs", default=None, nargs="+",
+                     help="aggregate earlier (possibly stopped) runs' runs.json files (models of distinct seeds)")
     own.add_argument("--block-scores", action="store_true", help="also the score AUROC at layer4.1 (slower)")
     mine, rest = own.parse_known_args(argv)
     seeds = [int(s) for s in mine.seeds.split(",") if s.strip()]
@@ -171,6 +172,20 @@ def aggregate(runs: list[dict], rules: list[str]) -> dict:
     return out
 
 
+def skip_gain(runs: list[dict], rule: str) -> dict | None:
+    """Skip-aware minus plain planted-pair ARI at ``layer4.1`` under ``rule``, planted neurons of all
+    models pooled: mean gain, share of neurons with a gain, one-sided paired test."""
+    rr = per_rule_runs(runs, rule)
+    if not rr:
+        return None
+    aware = np.concatenate([fs.planted_values(r, "layer4.1 | circuit, skip-aware") for r in rr])
+    plain = np.concatenate([fs.planted_values(r, "layer4.1 | PURE circuit (plain)") for r in rr])
+    ok = np.isfinite(aware) & np.isfinite(plain)
+    d = aware[ok] - plain[ok]
+    return {"n": int(ok.sum()), "gain": float(d.mean()), "share_better": float((d > 0).mean()),
+            "p": paired_test(aware[ok], plain[ok])}
+
+
 def _cell(row: dict, bold: bool = False) -> str:
     per = " / ".join(f"{v:.3f}" for v in row["per_model"])
     if "sd" in row:
@@ -206,6 +221,12 @@ def table(runs: list[dict], agg: dict) -> str:
         au4, au41 = _cell(g["auroc"]["layer4 | contrast"]), _cell(g["auroc"]["layer4.1 | contrast"])
         tail = f" {au41} |" if block_auroc else ""
         lines.append(f"| `{rule}` | {c[0]} | {c[1]} | {p4} | {p41} | {c[2]} | {au4} |{tail}")
+    gains = {rule: skip_gain(runs, rule) for rule in agg}
+    lines += ["", "Skip-awareness at `layer4.1` (skip-aware minus plain planted-pair ARI, planted neurons of all "
+              "models pooled, one-sided Wilcoxon):", "", "| rule | neurons | mean gain | share with a gain | p |",
+              "|---|---|---|---|---|"]
+    lines += [f"| `{rule}` | {g['n']} | {g['gain']:+.3f} | {g['share_better']:.2f} | {g['p']:.2g} |"
+              for rule, g in gains.items() if g is not None]
     if agg:
         g = next(iter(agg.values()))["gates"]
         lines += ["", "Activation baselines (rule-independent), planted-pair ARI:", "",
@@ -224,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     path = a.out / "runs.json"
     if a.from_runs:
-        runs = json.loads(Path(a.from_runs).read_text())
+        runs = [run for f in a.from_runs for run in json.loads(Path(f).read_text())]
+        if len({run["seed"] for run in runs}) != len(runs):
+            raise SystemExit(f"--from-runs: the files hold models of the same seed: {[r['seed'] for r in runs]}")
     else:
         train, test = fp.load_data(a)
         fp.log(f"data: {train.source}, {len(train)} train / {len(test)} test; seeds {a.seeds}; rules {a.rules}")
@@ -247,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     md = table(runs, agg)
     print(md)
     cmd = "python benchmarks/fashion_rules.py " + " ".join(a.argv)
-    if a.from_runs and Path(a.from_runs).with_name("results.md").is_file():  # keep the command that ran the models
-        first = Path(a.from_runs).with_name("results.md").read_text().splitlines()[0].strip("`")
-        cmd = first if "--from-runs" not in first else cmd
+    if a.from_runs:  # keep the commands that ran the models, where their results.md says them
+        firsts = [Path(f).with_name("results.md").read_text().splitlines()[0].strip("`")
+                  for f in a.from_runs if Path(f).with_name("results.md").is_file()]
+        if firsts and len(firsts) == len(a.from_runs) and not any("--from-runs" in f for f in firsts):
+            cmd = "; ".join(firsts)
     fp.write_results(a, cmd.strip(), md, {"aggregate": agg})
     return 0
 
