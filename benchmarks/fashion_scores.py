@@ -44,7 +44,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import purenn  # noqa: E402
 from purenn.cluster import CircuitKMeans, contrast_score  # noqa: E402
 from purenn.datasets import cache_dir, cached_classifier, small_image_resnet  # noqa: E402
-from purenn.metrics import score_auroc  # noqa: E402
+from purenn.metrics import embedding_polysemanticity, score_auroc  # noqa: E402
 from purenn.relevance import pair_relevance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -416,7 +416,8 @@ SCORE_VARIANTS: dict[str, Callable[[Seed, str], np.ndarray]] = {
 def embed_variants(emb_names) -> dict:
     out = {}
     for e in emb_names:
-        out[f"SemanticLens 1 - cos, {e}"] = lambda d, lv, e=e: separation(d, f"emb {e}")
+        out[f"SemanticLens 1 - cos, {e}"] = lambda d, lv, e=e: embedding_polysemanticity(d.sfeat(f"emb {e}"),
+                                                                                          random_state=d.seed)
         out[f"contrast, {e}"] = lambda d, lv, e=e: contrast(d, f"emb {e}")
     return out
 
@@ -553,9 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     train, test = fp.load_data(a)
     if a.stage in ("cache", "all"):
-        build_embedders(a, train, test)
-        for seed in a.seeds:
+        for i, seed in enumerate(a.seeds):
             build_cache(a, train, test, seed)
+            if i == 0:  # the first model's cache first: variants can be tried on it while the others train
+                build_embedders(a, train, test)
     if a.stage == "cache":
         return 0
     z = np.load(a.cache / "embedders.npz")
