@@ -28,6 +28,7 @@ Results go to ``--out`` (default ``benchmarks/results/fashion_scores[_smoke]``).
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -160,6 +161,7 @@ def build_cache(a, train, test, seed: int) -> Path:
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
+    path.with_name(f"km_{path.stem}.pkl").unlink(missing_ok=True)  # k-means of an older cache
     fp.log(f"seed {seed}: cached {path} ({time.time() - t:.0f}s; {len(chans)} mixed, {len(st.planted_ch)} planted)")
     return path
 
@@ -232,7 +234,8 @@ class Seed:
         self.mixed_fit = self.z["mixed_fit"].astype(bool)
         self.emb = emb
         self.limit = limit
-        self._km: dict = {}
+        self.km_file = path.with_name(f"km_{path.stem}.pkl")
+        self._km: dict = pickle.loads(self.km_file.read_bytes()) if self.km_file.is_file() else {}
 
     def sfeat(self, name: str) -> np.ndarray:
         """Fit features of the neurons the scores are evaluated on (the first ``limit`` in a smoke run)."""
@@ -290,11 +293,14 @@ class Seed:
         return res
 
     def kmeans(self, name: str, c: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        """k-means (CircuitKMeans, this seed's random_state) of every neuron's fit references: centres, labels."""
-        key = (name, c)
+        """k-means (CircuitKMeans, this seed's random_state) of every neuron's fit references: centres,
+        labels; kept next to the cache (``km_seed<seed>.pkl``) so that a rerun of the evaluation reuses it."""
+        key = (name, c, self.limit)
         if key not in self._km:
             km = CircuitKMeans(c, random_state=self.seed).fit(self.sfeat(name))
             self._km[key] = (km.centroids_, km.labels_)
+            if self.km_file is not None:
+                self.km_file.write_bytes(pickle.dumps(self._km))
         return self._km[key]
 
 
@@ -413,6 +419,11 @@ SCORE_VARIANTS: dict[str, Callable[[Seed, str], np.ndarray]] = {
 }
 
 
+#: the score variants also evaluated at block level (the AUROC target is at ``layer4``)
+BLOCK_SCORES = ("silhouette", "contrast (default)", "contrast, circuit+map 0.5", "contrast, upstream pooled",
+                "eigengap lambda2/lambda1 of cosine similarity", "1 - clarity (mean pairwise cosine)")
+
+
 def embed_variants(emb_names) -> dict:
     out = {}
     for e in emb_names:
@@ -513,6 +524,8 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
         lines += [f"Score AUROC at `{level}` against mixed neurons (selection: even channels; held out: odd).", "",
                   "| score | even (selection) | odd (held out) | all | all, per seed |", "|---|---|---|---|---|"]
         for name, f in variants.items():
+            if level == "layer4.1" and name not in BLOCK_SCORES:
+                continue
             t = time.time()
             per = []
             for d in seeds:
