@@ -416,11 +416,18 @@ SCORE_VARIANTS: dict[str, Callable[[Seed, str], np.ndarray]] = {
     "PC1 variance share": lambda d, lv: pc1(d, lv),
     "bimodality coefficient on PC1": lambda d, lv: bimodality(d, lv),
     "eigengap lambda2/lambda1 of cosine similarity": lambda d, lv: eigengap(d, lv),
+    # combinations (tried on seed 0's even channels after the rows above)
+    "contrast x contrast on upstream pooled": lambda d, lv: contrast(d, lv) * contrast(
+        d, "upstream pooled" if lv == "circuit" else "block upstream pooled"),
+    "rank mean of contrast, contrast on upstream pooled, eigengap": lambda d, lv: rank(contrast(d, lv)) + rank(
+        contrast(d, "upstream pooled" if lv == "circuit" else "block upstream pooled")) + rank(eigengap(d, lv)),
+    "separation x balance^2": lambda d, lv: separation(d, lv) * balance(d, lv) ** 2,
 }
 
 
 #: the score variants also evaluated at block level (the AUROC target is at ``layer4``)
 BLOCK_SCORES = ("silhouette", "contrast (default)", "contrast, circuit+map 0.5", "contrast, upstream pooled",
+                "contrast x contrast on upstream pooled",
                 "eigengap lambda2/lambda1 of cosine similarity", "1 - clarity (mean pairwise cosine)")
 
 
