@@ -17,10 +17,14 @@ neurons, its definition), SemanticLens-style scores on reference embeddings of s
 (kept apart: an embedder trained on fine labels is an upper bound, not label-free), and block-level
 gate variants (planted-pair ARI of the gate fitted on the fit references, on the held-out test
 references). Variants are chosen on the even channels and reported on the odd ones too.
+``--check`` (always on under ``--smoke``) compares the cached circuits with
+``purenn.circuit_relevance`` and the offline gates with a ``purify_model`` on a few planted
+neurons, and fails if they differ.
 
-    python benchmarks/fashion_scores.py --seeds 0,1,2,3          # cache: ~30 min per untrained model on 1 core
+    python benchmarks/fashion_scores.py --seeds 0,1,2,3          # per untrained model ~50 min on 1 core
     python benchmarks/fashion_scores.py --seeds 0,1,2,3 --stage eval   # from the cache only, a few minutes
-    python benchmarks/fashion_scores.py --smoke                  # tiny models and data, < 1 min
+    python benchmarks/fashion_scores.py --smoke                  # tiny model and data, < 1 min (model cached)
+    python benchmarks/fashion_scores.py --seeds 0 --check        # also: cache and offline gates vs the library
 
 Results go to ``--out`` (default ``benchmarks/results/fashion_scores[_smoke]``).
 """
@@ -57,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2,3; smoke 0,1)")
     own.add_argument("--cache", default=None, help="directory of the per-seed .npz files")
     own.add_argument("--stage", default="all", choices=("cache", "eval", "all"))
+    own.add_argument("--check", action="store_true",
+                     help="compare the cache and the offline gates with the library on a few planted neurons")
     mine, rest = own.parse_known_args(argv)
     a = fp.parse_args(rest)
     a.seeds = [int(s) for s in (mine.seeds or ("0" if a.smoke else "0,1,2,3")).split(",") if s.strip()]
@@ -64,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.score_limit = 64 if a.smoke else None  # scores of the first channels only (smoke: < 1 min)
     name = "fashion_scores_smoke" if a.smoke else "fashion_scores"
     a.cache = Path(mine.cache) if mine.cache else cache_dir() / name
-    a.stage = mine.stage
+    a.stage, a.check = mine.stage, mine.check or a.smoke
     if "--out" not in rest:
         a.out = HERE / "results" / ("fashion_scores_smoke" if a.smoke else "fashion_scores")
     return a
@@ -510,6 +516,40 @@ def gate_ari(d: Seed, name: str) -> dict[int, float]:
     return out
 
 
+def check_against_library(a, train, test, d: Seed, n: int = 4) -> list[str]:
+    """The cache and the offline gates against the library on the first ``n`` planted neurons:
+    circuits of ``purenn.circuit_relevance`` and gates of a ``purify_model`` at ``layer4.1``."""
+    a.seed = d.seed
+    model = fp.load_model(a, train)
+    fit, z = train.head(a.n_fit), d.z
+    pl = [int(c) for c in d.planted[:n]]
+    lines, bad = [], False
+    for c in pl:
+        x = fit.images[torch.as_tensor(z["fit_idx"][c])]
+        for level, up, key in (("layer4", "layer3", "fit_rel4"), ("layer4.1", "layer4.0", "fit_rel41")):
+            r = purenn.circuit_relevance(model, x, layer=level, neurons=[c], upstream=up)[:, 0].numpy()
+            err = float(np.abs(r - l1(z[key][c])).max())
+            bad |= err > 1e-5 * float(np.abs(r).max() + EPS) * 100
+            lines.append(f"circuit {level} neuron {c}: max |library - cache| {err:.2g}")
+    sub = fit.subset(torch.unique(torch.as_tensor(z["fit_idx"][pl])).tolist())
+    chans = d.channels.tolist()
+    for gate, name in (("circuit", "block circuit"), ("circuit+map", "block circuit+map 0.5")):
+        pm = purenn.purify_model(model, ["layer4.1"], sub, n_refs=z["fit_idx"].shape[1], neurons={"layer4.1": pl},
+                                 gate=gate, skip_aware=True, seed=d.seed, progress=False)
+        offline = gate_ari(d, name)
+        for c in pl:
+            ti = z["test_idx"][chans.index(c)]
+            g = pm.gates(test.images[torch.as_tensor(ti)], neurons={"layer4.1": [c]})["layer4.1"][:, 0].numpy()
+            y = test.fine.numpy()[ti]
+            sel = np.isin(y, np.argsort(-np.bincount(y, minlength=10), kind="stable")[:2])
+            lib = adjusted_rand_score(y[sel], g[sel])
+            lines.append(f"gate {gate} layer4.1 neuron {c}: ARI pair library {lib:.4f}, offline {offline[c]:.4f}")
+            bad |= abs(lib - offline[c]) > 1e-9
+    if bad:
+        raise SystemExit("the cache or the offline gates disagree with the library:\n" + "\n".join(lines))
+    return lines
+
+
 # ------------------------------------------------------------------------------------- reporting
 def msd(v: list[float]) -> str:
     v = [x for x in v if np.isfinite(x)]
@@ -587,6 +627,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(seeds) < len(a.seeds):
         fp.log(f"only seeds {[d.seed for d in seeds]} are cached")
     res, md = evaluate(a, seeds)
+    if a.check:
+        checks = check_against_library(a, train, test, seeds[0])
+        for line in checks:
+            fp.log(line)
+        res["check_against_library"] = checks
+        md += "\nCheck against the library (first planted neurons of the first seed):\n\n" + \
+            "\n".join(f"- {line}" for line in checks) + "\n"
     print(md)
     cmd = "python benchmarks/fashion_scores.py" + (" --smoke" if a.smoke else "") + \
         f" --seeds {','.join(str(d.seed) for d in seeds)}"
