@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             "\n".join(f"- {line}" for line in checks) + "\n"
     print(md)
     cmd = "python benchmarks/fashion_scores.py" + (" --smoke" if a.smoke else "") + \
-        f" --seeds {','.join(str(d.seed) for d in seeds)}"
+        f" --seeds {','.join(str(d.seed) for d in seeds)}" + (" --check" if a.check and not a.smoke else "")
     fp.write_results(a, cmd, md, res)
     return 0
 
