@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     own.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2,3; smoke 0,1)")
     own.add_argument("--cache", default=None, help="directory of the per-seed .npz files")
     own.add_argument("--stage", default="all", choices=("cache", "eval", "all"))
+    own.add_argument("--only", default=None,
+                     help="evaluate only the score and gate variants whose names contain one of these "
+                          "';'-separated strings")
     own.add_argument("--check", action="store_true",
                      help="compare the cache and the offline gates with the library on a few planted neurons")
     mine, rest = own.parse_known_args(argv)
@@ -71,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     name = "fashion_scores_smoke" if a.smoke else "fashion_scores"
     a.cache = Path(mine.cache) if mine.cache else cache_dir() / name
     a.stage, a.check = mine.stage, mine.check or a.smoke
+    a.only = [t for t in mine.only.split(";") if t] if mine.only else None
     if "--out" not in rest:
         a.out = HERE / "results" / ("fashion_scores_smoke" if a.smoke else "fashion_scores")
     return a
@@ -571,7 +575,7 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
         lines += [f"Score AUROC at `{level}` against mixed neurons (selection: even channels; held out: odd).", "",
                   "| score | even (selection) | odd (held out) | all | all, per seed |", "|---|---|---|---|---|"]
         for name, f in variants.items():
-            if level == "layer4.1" and name not in BLOCK_SCORES:
+            if level == "layer4.1" and name not in BLOCK_SCORES or a.only and not any(t in name for t in a.only):
                 continue
             t = time.time()
             per = []
@@ -589,6 +593,9 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
             fp.log(f"score {level} | {name}: {cols} ({time.time() - t:.0f}s)")
         lines.append("")
     for level, names in GATE_VARIANTS.items():
+        names = [n for n in names if not a.only or any(t in n for t in a.only)]
+        if not names:
+            continue
         lines += [f"Planted-pair ARI of the gate at `{level}` on held-out test references (mean over planted "
                   "neurons per model, then mean ± sd over models; selection: even channels).", "",
                   "| gate | even (selection) | odd (held out) | all | all, per seed |", "|---|---|---|---|---|"]
