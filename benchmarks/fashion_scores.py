@@ -49,7 +49,7 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 import purenn  # noqa: E402
 from purenn.cluster import CircuitKMeans, contrast_score  # noqa: E402
 from purenn.datasets import cache_dir, cached_classifier, small_image_resnet  # noqa: E402
-from purenn.metrics import embedding_polysemanticity, score_auroc  # noqa: E402
+from purenn.metrics import embedding_polysemanticity, paired_test, score_auroc  # noqa: E402
 from purenn.relevance import pair_relevance  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -562,6 +562,26 @@ def msd(v: list[float]) -> str:
     return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
+def boot_note(seeds: list[Seed], lv: str, draws: int = 2000) -> str:
+    """Bootstrap (over neurons, per model) of the AUROC gain of contrast x contrast on upstream pooled."""
+    up = "upstream pooled" if lv == "circuit" else "block upstream pooled"
+    out = []
+    for d in seeds:
+        a0 = contrast(d, lv)
+        b0 = a0 * contrast(d, up)
+        t = d.mixed_fit[: d.limit]
+        rng = np.random.default_rng(d.seed)
+        diffs = []
+        for _ in range(draws):
+            i = rng.integers(0, len(t), len(t))
+            if t[i].any() and not t[i].all():
+                diffs.append(score_auroc(b0[i], t[i]) - score_auroc(a0[i], t[i]))
+        lo, hi = np.percentile(diffs, [2.5, 97.5])
+        out.append(f"seed {d.seed}: {score_auroc(b0, t) - score_auroc(a0, t):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    return ("AUROC gain of contrast x contrast on upstream pooled over contrast, with a 95% bootstrap "
+            "interval over neurons: " + "; ".join(out) + ".")
+
+
 def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
     emb_names = list(seeds[0].emb) if seeds[0].emb else []
     variants = {**SCORE_VARIANTS, **embed_variants(emb_names)}
@@ -591,6 +611,8 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
             each = " / ".join(f"{p['all']:.3f}" for p in per)
             lines.append(f"| {name} | {' | '.join(cols)} | {each} |")
             fp.log(f"score {level} | {name}: {cols} ({time.time() - t:.0f}s)")
+        if f"{level} | contrast x contrast on upstream pooled" in res["scores"]:
+            lines += ["", boot_note(seeds, lv)]
         lines.append("")
     for level, names in GATE_VARIANTS.items():
         names = [n for n in names if not a.only or any(t in n for t in a.only)]
@@ -598,7 +620,8 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
             continue
         lines += [f"Planted-pair ARI of the gate at `{level}` on held-out test references (mean over planted "
                   "neurons per model, then mean ± sd over models; selection: even channels).", "",
-                  "| gate | even (selection) | odd (held out) | all | all, per seed |", "|---|---|---|---|---|"]
+                  "| gate | even (selection) | odd (held out) | all | all, per seed | p vs own map (pooled) |",
+                  "|---|---|---|---|---|---|"]
         for name in names:
             t = time.time()
             per = [gate_ari(d, name) for d in seeds]
@@ -609,7 +632,13 @@ def evaluate(a, seeds: list[Seed]) -> tuple[dict, str]:
                                     ("all", lambda c: True))}
             cols = [msd(parts[k]) for k in ("even", "odd", "all")]
             each = " / ".join(f"{v:.3f}" for v in parts["all"])
-            lines.append(f"| {gate_label(name)} | {' | '.join(cols)} | {each} |")
+            p = ""
+            if name != "map":  # one-sided Wilcoxon over the planted neurons of all models, against the own map
+                own = [gate_ari(d, "map") for d in seeds]
+                x = [v for pp in per for v in pp.values()]
+                y = [o[c] for pp, o in zip(per, own) for c in pp]
+                p = f"{paired_test(x, y):.2g}" if len(x) >= 2 else ""
+            lines.append(f"| {gate_label(name)} | {' | '.join(cols)} | {each} | {p} |")
             fp.log(f"gate {level} | {name}: {cols} ({time.time() - t:.0f}s)")
         lines.append("")
     return res, "\n".join(lines)
