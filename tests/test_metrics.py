@@ -3,16 +3,19 @@ import pytest
 import torch
 
 import purenn
+from purenn.collect import References
 from purenn.errors import ConfigError, DataError, LayerError
 from purenn.metrics import (
     disentanglement,
     embedding_distances,
+    embedding_polysemanticity,
     gate_agreement,
     held_out_references,
     label_mix,
     mixed_neurons,
     paired_test,
     purity,
+    reference_embeddings,
     score_auroc,
 )
 
@@ -79,6 +82,53 @@ def test_embedding_distances_pure_formula():
         embedding_distances(lambda x: x, [0, 1])
     with pytest.raises(DataError):
         embedding_distances(e, [0, 1])
+
+
+def test_embedding_polysemanticity_semanticlens_formula():
+    rng = np.random.default_rng(1)
+    one = rng.normal([1, 1, 0], 0.02, (30, 3))  # one group: centres nearly parallel
+    right = np.concatenate([rng.normal([1, 0, 0], 0.02, (15, 3)), rng.normal([0, 1, 0], 0.02, (15, 3))])  # 90 deg
+    opposite = np.concatenate([rng.normal([1, 0, 0], 0.02, (15, 3)), rng.normal([-1, 0, 0], 0.02, (15, 3))])
+    s = embedding_polysemanticity(np.stack([one, right, opposite]))
+    assert s[0] < 0.01
+    assert abs(s[1] - 1) < 0.05  # 1 - cos(90 deg)
+    assert abs(s[2] - 2) < 0.05  # 1 - cos(180 deg)
+    # the score of a split is 1 - cos of its k-means centres, checked by hand
+    from sklearn.cluster import KMeans
+
+    km = KMeans(2, n_init=10, random_state=0).fit(right)
+    c = km.cluster_centers_
+    assert s[1] == pytest.approx(1 - c[0] @ c[1] / np.linalg.norm(c[0]) / np.linalg.norm(c[1]))
+    # identical references: 0, no NaN; a one-reference cluster uses the lopsided fallback (finite)
+    same = np.ones((1, 10, 3))
+    assert embedding_polysemanticity(same).tolist() == [0.0]
+    outlier = np.concatenate([np.ones((9, 3)), [[-5.0, 1, 1]]])[None]
+    v = embedding_polysemanticity(outlier)
+    assert np.isfinite(v).all() and 0 < v[0] < 1
+    with pytest.raises(DataError):
+        embedding_polysemanticity(np.zeros((4, 3)))
+    with pytest.raises(ConfigError):
+        embedding_polysemanticity(right[None], n_clusters=1)
+
+
+def test_reference_embeddings_embeds_each_sample_once():
+    data = torch.arange(12, dtype=torch.float32).reshape(6, 1, 1, 2)
+    refs = References(indices=torch.tensor([[0, 3, 5], [5, 1, 0], [2, 2, 4]]), values=torch.zeros(3, 3))
+    seen = []
+
+    def embed(x):
+        seen.append(len(x))
+        return x.flatten(1) * 2
+
+    e = reference_embeddings(embed, data, refs, channels=[0, 1], batch_size=2)
+    assert e.shape == (2, 3, 2)
+    assert sum(seen) == 4  # samples 0, 1, 3, 5 once each
+    np.testing.assert_allclose(e[1, 0], data[5].flatten() * 2)
+    np.testing.assert_allclose(e[0, 1], data[3].flatten() * 2)
+    with pytest.raises(ConfigError):
+        reference_embeddings("clip", data, refs)
+    with pytest.raises(DataError):
+        reference_embeddings(lambda x: x.flatten()[:1], data, refs)
 
 
 def test_held_out_references_rank_by_spatial_max(planted_pm, planted_model):

@@ -11,6 +11,10 @@
 - :func:`embedding_distances` is PURE's evaluation: mean distance between embeddings of references
   in the same virtual neuron (intra) and in different ones (inter), for any embedding function
   (CLIP or DINOv2 when available, or anything mapping images to vectors).
+- :func:`embedding_polysemanticity` is SemanticLens' polysemanticity score: how far apart the two
+  k-means groups of a neuron's reference embeddings lie in an embedder's space. It needs an
+  embedder (CLIP in SemanticLens); unlike the circuit scores of :mod:`purenn.cluster` it judges the
+  references by what another model sees in them, and it is only as label-free as that embedder.
 
 Example:
     >>> gate_agreement([0, 0, 1, 1], [5, 5, 7, 7])
@@ -47,6 +51,8 @@ __all__ = [
     "score_auroc",
     "paired_test",
     "embedding_distances",
+    "embedding_polysemanticity",
+    "reference_embeddings",
 ]
 
 
@@ -327,3 +333,100 @@ def embedding_distances(
     if len(intra) == 0:
         intra = inter
     return float(intra.mean()), float(inter.mean())
+
+
+def embedding_polysemanticity(
+    embeddings: np.ndarray | torch.Tensor, *, n_clusters: int = 2, n_init: int = 10, random_state: int = 0
+) -> np.ndarray:
+    """SemanticLens' polysemanticity score of each neuron from the embeddings of its references.
+
+    Per neuron, k-means (``n_clusters``) on its ``n`` reference embeddings; the score is one minus
+    the "clarity" of the cluster centres, their mean pairwise cosine similarity (for two centres,
+    ``1 - cos(mu_1, mu_2)``): 0 when the references form one group in the embedder's space, higher
+    when they form groups pointing in different directions. Dreyer et al., "Mechanistic
+    understanding and validation of large AI models with SemanticLens" (Nature Machine
+    Intelligence, 2025) embed the references with CLIP; any embedder fits (see
+    :func:`reference_embeddings`). A neuron whose k-means leaves a cluster with fewer than two
+    references scores by the centroid of all references against single references instead, as
+    SemanticLens does.
+
+    Args:
+        embeddings: ``(K, n, D)`` embeddings of the ``n`` references of each of ``K`` neurons.
+        n_clusters: groups per neuron (SemanticLens: 2).
+        n_init: k-means restarts.
+        random_state: k-means seed.
+
+    Returns:
+        ``(K,)`` scores in ``[0, 2]``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> one = rng.normal([1, 1, 0, 0], 0.05, (20, 4))
+        >>> two = np.concatenate([rng.normal([1, 0, 0, 0], 0.05, (10, 4)), rng.normal([0, 0, 1, 0], 0.05, (10, 4))])
+        >>> s = embedding_polysemanticity(np.stack([one, two]))
+        >>> bool(s[0] < 0.1 < 0.9 < s[1])
+        True
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    e = np.asarray(embeddings.detach().cpu() if isinstance(embeddings, torch.Tensor) else embeddings, dtype=np.float64)
+    if e.ndim != 3 or e.shape[1] < 2:
+        raise DataError(f"embeddings must be (neurons, references >= 2, features), got {e.shape}.")
+    c = check_int("n_clusters", n_clusters, 2, e.shape[1])
+    out = np.zeros(len(e))
+    with threadpool_limits(1):
+        for i, x in enumerate(e):
+            if np.ptp(x, axis=0).max() == 0:
+                continue  # all references embed alike: one group
+            km = KMeans(n_clusters=c, n_init=n_init, random_state=random_state).fit(x)
+            centres = km.cluster_centers_
+            if np.bincount(km.labels_, minlength=c).min() < 2:
+                centres = None
+            out[i] = 1 - _clarity(centres) if centres is not None else _lopsided(x)
+    return out
+
+
+def _clarity(v: np.ndarray) -> float:
+    """Mean pairwise cosine similarity of the rows of ``v`` (SemanticLens' clarity), without self-pairs."""
+    u = v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
+    n = len(u)
+    return float(((u.mean(0) ** 2).sum() - 1 / n) * n / (n - 1))
+
+
+def _lopsided(x: np.ndarray, draws: int = 10) -> float:
+    """1 - clarity of (mean of all, one reference), averaged over the first ``draws`` references."""
+    m = x.mean(0)
+    return float(np.mean([1 - _clarity(np.stack([m, x[j]])) for j in range(min(draws, len(x)))]))
+
+
+def reference_embeddings(
+    embed: Callable[[torch.Tensor], Any],
+    data: Any,
+    refs: References,
+    channels: Sequence[int] | None = None,
+    *,
+    batch_size: int = 128,
+) -> np.ndarray:
+    """``(K, n, D)`` embeddings of the references of ``channels`` (default all), each distinct
+    sample embedded once by ``embed`` (images -> ``(B, D)``, e.g. a CLIP image encoder).
+
+    Example:
+        >>> refs = held_out_references(model, data, "layer4")                  # doctest: +SKIP
+        >>> e = reference_embeddings(clip.encode_image, data, refs)            # doctest: +SKIP
+        >>> embedding_polysemanticity(e)                                       # doctest: +SKIP
+    """
+    if not callable(embed):
+        raise ConfigError(f"embed must map an image batch to vectors, got {type(embed).__name__}.")
+    idx = refs.indices if channels is None else refs.indices[[int(c) for c in channels]]
+    ids, inv = torch.unique(idx.flatten(), return_inverse=True)
+    source = DataSource.from_data(data, batch_size)
+    parts = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch_size):
+            e = embed(source.fetch(ids[s : s + batch_size]))
+            parts.append(np.asarray(e.detach().cpu() if isinstance(e, torch.Tensor) else e, dtype=np.float32))
+    emb = np.concatenate(parts)
+    if emb.ndim != 2 or len(emb) != len(ids):
+        raise DataError(f"embed must return one vector per image, got shape {emb.shape} for {len(ids)} images.")
+    return emb[inv.reshape(idx.shape).numpy()]
