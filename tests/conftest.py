@@ -21,6 +21,17 @@ BUILDERS = [
 ]
 
 
+def randomize_bn_affine(model: nn.Module, g: torch.Generator) -> nn.Module:
+    """Random BatchNorm scales (0.3..1) and shifts (sd 0.1), in place: timm zero-initialises each block's
+    last BatchNorm, which would cut every residual branch."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.3, 1.0, generator=g)
+                m.bias.normal_(0.0, 0.1, generator=g)
+    return model
+
+
 def calibrate_bn(model: nn.Module, x: torch.Tensor, steps: int = 2) -> nn.Module:
     """Set BatchNorm running statistics from data (cumulative average), then switch to eval.
 

@@ -390,18 +390,14 @@ def timm_small(block: str, seed: int = 0, dtype=torch.float64, **kwargs) -> nn.M
     """A small timm ResNet with random BatchNorm affine parameters (timm zero-initialises each
     block's last BatchNorm) and statistics calibrated on random images."""
     timm = pytest.importorskip("timm")
-    from conftest import calibrate_bn
+    from conftest import calibrate_bn, randomize_bn_affine
 
     torch.manual_seed(seed)
     r = timm.models.resnet
     cls, channels = (r.BasicBlock, (16, 32, 48, 64)) if block == "basic" else (r.Bottleneck, (8, 16, 24, 32))
     model = r.ResNet(cls, [1, 2, 1, 1], num_classes=3, channels=channels, stem_width=16, **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.3, 1.0, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
+    randomize_bn_affine(model, g)
     return calibrate_bn(model, torch.rand(8, 3, 37, 45, generator=g)).to(dtype)
 
 

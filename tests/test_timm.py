@@ -20,7 +20,7 @@ from purenn.arch.attention import AvgPoolDown, EfficientChannelAttention, Squeez
 from purenn.errors import FileFormatError  # noqa: E402
 from purenn.io import describe_architecture, read_config  # noqa: E402
 
-from conftest import autograd_relevance, calibrate_bn  # noqa: E402
+from conftest import autograd_relevance, calibrate_bn, randomize_bn_affine  # noqa: E402
 
 #: small timm ResNets built directly: SENet-154's layout (halved first convolution, 3x3 strided
 #: downsample convolutions, deep stem, grouped SE blocks) at one block per stage
@@ -42,11 +42,7 @@ def timm_model(name: str, seed: int = 0, dtype=torch.float32, size=SIZE, **kwarg
     else:
         model = timm.create_model(name, pretrained=False, num_classes=kwargs.pop("num_classes", 5), **kwargs)
     g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.3, 1.0, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
+    randomize_bn_affine(model, g)
     # all-zero images among them keep a zero input (which export_onnx verifies) in a realistic range
     x = torch.cat([torch.rand(6, model.in_chans, *size, generator=g), torch.zeros(2, model.in_chans, *size)])
     model = calibrate_bn(model, x)
