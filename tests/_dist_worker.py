@@ -43,7 +43,7 @@ def cases() -> dict[str, dict]:
                   neurons={"layer3": list(range(0, 256, 16)), "layer4": list(range(0, 512, 32))})
     return {
         "cached": dict(common, n_clusters=2),
-        "recompute": dict(common, n_clusters="auto", max_clusters=3, cache_memory=0),
+        "recompute": dict(common, n_clusters="auto", max_clusters=3, cache_memory=0, score="contrast+upstream"),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -199,3 +200,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def contrast_by_hand(x: np.ndarray, seed: int = 0) -> float:
+    """2-means split of (n, D) points with scikit-learn, then balance x (1 - cosine of the centres)."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(2, n_init=10, random_state=seed).fit(x)
+    counts = np.bincount(km.labels_, minlength=2)
+    a, b = km.cluster_centers_
+    cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    return 2 * counts.min() / counts.sum() * (1 - cos)
+

@@ -129,6 +129,19 @@ def test_inspect(capsys, purified):
     assert sum(v["n_refs"] for v in row["virtual"]) == 6
 
 
+def test_purify_with_the_upstream_score(capsys, files):
+    out = files["root"] / "up.safetensors"
+    code, _, _ = run(capsys, "purify", "resnet18", "-c", files["pt"], "--data", files["images"], "--image-size",
+                     "32", "--channels", "layer4:0,1,2", "--n-refs", "6", "--score", "contrast+upstream", "-o", out, "-q")
+    assert code == 0
+    code, out_text, _ = run(capsys, "inspect", out, "--json")
+    (layer,) = json.loads(out_text)["layers"]
+    assert code == 0 and layer["score_kind"] == "contrast+upstream"
+    code, _, err = run(capsys, "purify", "resnet18", "-c", str(files["pt"]), "--data", str(files["images"]),
+                       "--score", "upstream", "-o", str(files["root"] / "bad.safetensors"))
+    assert code == 2 and "invalid choice" in err and "contrast+upstream" in err
+
+
 def test_purify_from_safetensors_checkpoint_and_from_a_purified_file(capsys, files, purified, tmp_path):
     out = tmp_path / "a.safetensors"
     code, stdout, _ = run(capsys, "purify", "resnet18", "-c", files["st"], "--data", files["images"], "--image-size",

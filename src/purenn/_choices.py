@@ -9,8 +9,9 @@ __all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "CONCEPT_SCORE", "M
 
 #: what selects a purified neuron's virtual neuron (see :mod:`purenn.gating`); the first two use circuits
 GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
-#: polysemanticity scores of :class:`purenn.cluster.CircuitKMeans`
-SCORES = ("silhouette", "contrast")
+#: polysemanticity scores of :class:`purenn.cluster.CircuitKMeans`; ``"contrast+upstream"`` also reads the
+#: references' pooled upstream activations (``CircuitKMeans.fit(circuits, upstream)``)
+SCORES = ("silhouette", "contrast", "contrast+upstream")
 #: the highest resolution a figure is drawn at (one at a higher dpi needs gigabytes)
 MAX_DPI = 1200
 #: arithmetic of the relevance stage (see :mod:`purenn.precision`)

@@ -79,8 +79,11 @@ class CircuitKMeans:
         min_gap: silhouette excess over the null a split needs under ``"auto"``.
         n_init: k-means restarts (scikit-learn's ``n_init``).
         random_state: seed; the same seed gives the same centroids.
-        score: ``"contrast"`` (:func:`contrast_score`, default) or ``"silhouette"``, what
-            ``scores_`` holds.
+        score: what ``scores_`` holds: ``"contrast"`` (:func:`contrast_score` of the circuit split,
+            default), ``"silhouette"``, or ``"contrast+upstream"``: the contrast of the circuit split
+            times the contrast of a two-cluster k-means split of the references' pooled upstream
+            activations (``upstream`` of :meth:`fit`), so a neuron scores high when its references
+            divide both by the circuits that drive it and by what the upstream layer sees.
         progress: show a progress bar over neurons.
 
     Attributes:
@@ -94,6 +97,8 @@ class CircuitKMeans:
             under ``"auto"``; 0 when the references do not separate, e.g. a dead neuron whose
             circuits are all zero).
         gaps_: ``(K,)`` under ``"auto"``: the silhouette excess over the null of the chosen count.
+        upstream_scores_: ``(K,)`` under ``"contrast+upstream"``: the contrast of the upstream split
+            (the factor ``scores_`` was multiplied by); ones otherwise.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -141,12 +146,14 @@ class CircuitKMeans:
         z = rng.standard_normal((len(x), len(x)))
         return mu + z @ (x - mu) / np.sqrt(max(len(x) - 1, 1))
 
-    def _fit_all(self, x: np.ndarray, c: int | str, candidates: list[int]) -> list:
+    def _fit_all(self, x: np.ndarray, c: int | str, candidates: list[int], up: np.ndarray | None) -> list:
         fits = []
         for i in tqdm(range(len(x)), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
             xi = np.asarray(x[i], dtype=np.float64)  # one neuron at a time: no float64 copy of all circuits
+            if up is not None:
+                self.upstream_scores_[i] = contrast_score(*self._split(np.asarray(up[i], dtype=np.float64), 2)[:2])
             tries = [self._split(xi, cc) for cc in candidates]
-            if self.score == "contrast":
+            if self.score in ("contrast", "contrast+upstream"):
                 tries = [(cen, lab, contrast_score(cen, lab), sil) for cen, lab, _, sil in tries]
             if c != "auto":
                 fits.append(tries[0][:3])
@@ -163,8 +170,12 @@ class CircuitKMeans:
             fits.append((centres, labels, score))
         return fits
 
-    def fit(self, circuits: np.ndarray) -> CircuitKMeans:
-        """Fit on ``circuits`` of shape ``(K, n, D)``: ``n`` reference circuits for each of ``K`` neurons."""
+    def fit(self, circuits: np.ndarray, upstream: np.ndarray | None = None) -> CircuitKMeans:
+        """Fit on ``circuits`` of shape ``(K, n, D)``: ``n`` reference circuits for each of ``K`` neurons.
+
+        ``upstream`` ``(K, n, C)``: the spatially pooled upstream activations at the same references,
+        needed by (and only by) ``score="contrast+upstream"``.
+        """
         x = np.asarray(circuits)
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
@@ -173,6 +184,20 @@ class CircuitKMeans:
         k, n, d = x.shape
         if self.score not in SCORES:
             raise ConfigError(f"score must be one of {SCORES}, got {self.score!r}.")
+        up = None
+        if self.score == "contrast+upstream":
+            if upstream is None:
+                raise ConfigError("score='contrast+upstream' needs the references' pooled upstream activations: "
+                                  "fit(circuits, upstream) with upstream of shape (neurons, references, channels).")
+            up = np.asarray(upstream)
+            if up.ndim != 3 or up.shape[:2] != (k, n):
+                raise ConfigError(f"upstream must have shape ({k}, {n}, channels) like circuits, got {up.shape}.")
+            if not np.isfinite(up).all():
+                raise ConfigError("upstream contains NaN or infinite values.")
+            if n < 2:
+                raise ConfigError(f"score='contrast+upstream' needs at least 2 references per neuron, got {n}.")
+        elif upstream is not None:
+            raise ConfigError(f"upstream is read only by score='contrast+upstream', not by score={self.score!r}.")
         c = self.n_clusters
         if c == "auto":
             m = self.max_clusters
@@ -190,9 +215,10 @@ class CircuitKMeans:
                 raise ConfigError(f"n_clusters={c} exceeds the {n} references per neuron.")
             candidates = [int(c)]
         self.gaps_ = np.zeros(k)
+        self.upstream_scores_ = np.ones(k)
         # many tiny problems: one BLAS/OpenMP thread is several times faster than a thread pool
         with threadpool_limits(1):
-            fits = self._fit_all(x, c, candidates)
+            fits = self._fit_all(x, c, candidates, up)
         self.n_clusters_ = np.array([len(f[0]) for f in fits], dtype=np.int64).reshape(k)
         c_max = int(self.n_clusters_.max()) if k else (candidates[0] if c != "auto" else 1)
         self.centroids_ = np.zeros((k, c_max, d))
@@ -203,7 +229,7 @@ class CircuitKMeans:
             self.centroids_[i, : len(centres)] = centres
             self.labels_[i] = labels
             self.counts_[i] = np.bincount(labels, minlength=c_max)
-            self.scores_[i] = score
+            self.scores_[i] = score * self.upstream_scores_[i]
         return self
 
     def predict(self, circuits: np.ndarray) -> np.ndarray:

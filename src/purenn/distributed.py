@@ -197,11 +197,11 @@ def writes_on_rank_zero(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-_FITTED = ("n_clusters_", "centroids_", "labels_", "counts_", "scores_", "gaps_")
+_FITTED = ("n_clusters_", "centroids_", "labels_", "counts_", "scores_", "gaps_", "upstream_scores_")
 
 
-def fit_by_neuron(km: Any, circuits: np.ndarray) -> Any:
-    """``km.fit(circuits)`` for a :class:`~purenn.cluster.CircuitKMeans`, split by neuron across ranks.
+def fit_by_neuron(km: Any, circuits: np.ndarray, upstream: np.ndarray | None = None) -> Any:
+    """``km.fit(circuits, upstream)`` for a :class:`~purenn.cluster.CircuitKMeans`, split by neuron across ranks.
 
     Rank ``r`` fits a contiguous block of neurons (each with the seeds it gets in a single process)
     and the fitted attributes are gathered, so every rank ends with the single-process fit. ``km``
@@ -210,12 +210,12 @@ def fit_by_neuron(km: Any, circuits: np.ndarray) -> Any:
     rank, world = world_info()
     km = copy.copy(km)
     if world == 1:
-        return km.fit(circuits)
+        return km.fit(circuits, upstream)
     k = len(circuits)
     lo, hi = rank * k // world, (rank + 1) * k // world
     part = copy.copy(km)
     part._first_index = lo
-    part.fit(circuits[lo:hi])
+    part.fit(circuits[lo:hi], None if upstream is None else upstream[lo:hi])
     parts = all_gather_object({name: getattr(part, name) for name in _FITTED})
     counts = np.concatenate([p["n_clusters_"] for p in parts])
     c_max = int(counts.max()) if k else parts[0]["centroids_"].shape[1]
@@ -226,7 +226,7 @@ def fit_by_neuron(km: Any, circuits: np.ndarray) -> Any:
     km.n_clusters_ = counts
     km.centroids_ = np.concatenate([pad(p["centroids_"]) for p in parts])
     km.counts_ = np.concatenate([pad(p["counts_"]) for p in parts])
-    for name in ("labels_", "scores_", "gaps_"):
+    for name in ("labels_", "scores_", "gaps_", "upstream_scores_"):
         setattr(km, name, np.concatenate([p[name] for p in parts]))
     return km
 

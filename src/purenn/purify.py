@@ -290,7 +290,9 @@ def purify_model(
             weighted by ``gate_weight``.
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
         score: the polysemanticity score stored per neuron and used by ``neurons=N``:
-            ``"contrast"`` (default) or ``"silhouette"`` (see :class:`~purenn.cluster.CircuitKMeans`).
+            ``"contrast"`` (default), ``"silhouette"`` or ``"contrast+upstream"`` (the contrast of
+            the circuit split times that of the references' pooled upstream activations; one more
+            forward pass over the references), see :class:`~purenn.cluster.CircuitKMeans`.
         batch_size: samples per forward pass.
         device: where to compute (default: the model's device). When the model is elsewhere, purenn
             works on a copy moved there, and the purified model holds that copy (the caller's model
@@ -424,8 +426,15 @@ def purify_model(
         }
     pure_layers = []
     for p in plans:
+        up = None
+        if score == "contrast+upstream":  # the references' pooled upstream activations: one more forward pass
+            up = fit_gate_features(
+                spec, source, "upstream", p.position, p.up_position, list(p.neurons), refs[p.layer],
+                batch_size=batch_size, device=device, progress=progress,
+            ).numpy()
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
-        km = fit_by_neuron(km, features[p.layer].numpy())
+        km = fit_by_neuron(km, features[p.layer].numpy(), up)
+        del up
         keep = np.arange(len(p.neurons))
         if p.layer in top:  # the N highest scores, ties to the lower channel, in channel order
             keep = np.sort(np.argsort(-km.scores_, kind="stable")[: top[p.layer]])

@@ -1,0 +1,34 @@
+"""``score="contrast+upstream"``: the product of the circuit split's contrast and the contrast of
+the references' pooled upstream activations, through purify_model, the file and the command."""
+
+import numpy as np
+import torch
+
+import purenn
+
+from conftest import _output_of, contrast_by_hand
+
+
+def test_purify_scores_by_hand_from_the_upstream_activations(planted_model, tmp_path):
+    model, train, _ = planted_model
+    neurons = {"layer4": list(range(0, 512, 64))}
+    kw = dict(n_refs=12, neurons=neurons, progress=False)
+    pm = purenn.purify_model(model, ["layer4"], train, score="contrast+upstream", **kw)
+    plain = purenn.purify_model(model, ["layer4"], train, score="contrast", **kw)
+    pl, pp = pm.pure_layer("layer4"), plain.pure_layer("layer4")
+    assert pl.score_kind == "contrast+upstream"
+    torch.testing.assert_close(pl.centroids, pp.centroids)  # the gates do not depend on the score
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    up = _output_of(model, "layer3", x).clamp(min=0).mean((-2, -1)).double().numpy()  # pooled, every sample
+    factor = np.array([contrast_by_hand(up[idx]) for idx in pl.ref_indices.numpy()])
+    np.testing.assert_allclose(pl.scores.numpy(), pp.scores.numpy() * factor, rtol=1e-4, atol=1e-6)
+    # neurons=N ranks by this score; the file keeps what the scores are
+    top = purenn.purify_model(model, ["layer4"], train, score="contrast+upstream", n_refs=12, neurons=3,
+                              progress=False).pure_layer("layer4")
+    every = purenn.purify_model(model, ["layer4"], train, score="contrast+upstream", n_refs=12,
+                                progress=False).pure_layer("layer4")
+    assert top.neurons.tolist() == np.sort(np.argsort(-every.scores.numpy(), kind="stable")[:3]).tolist()
+    pm.save(tmp_path / "m.safetensors")
+    back = purenn.load_purified(tmp_path / "m.safetensors")
+    assert back.pure_layer("layer4").score_kind == "contrast+upstream"
+
