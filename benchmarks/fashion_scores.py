@@ -522,7 +522,8 @@ def gate_ari(d: Seed, name: str) -> dict[int, float]:
 
 def check_against_library(a, train, test, d: Seed, n: int = 4) -> list[str]:
     """The cache and the offline gates against the library on the first ``n`` planted neurons:
-    circuits of ``purenn.circuit_relevance`` and gates of a ``purify_model`` at ``layer4.1``."""
+    circuits of ``purenn.circuit_relevance``, gates of a ``purify_model`` at ``layer4.1`` and its
+    ``score="contrast+upstream"`` at ``layer4``."""
     a.seed = d.seed
     model = fp.load_model(a, train)
     fit, z = train.head(a.n_fit), d.z
@@ -549,6 +550,17 @@ def check_against_library(a, train, test, d: Seed, n: int = 4) -> list[str]:
             lib = adjusted_rand_score(y[sel], g[sel])
             lines.append(f"gate {gate} layer4.1 neuron {c}: ARI pair library {lib:.4f}, offline {offline[c]:.4f}")
             bad |= abs(lib - offline[c]) > 1e-9
+    # the score variant the library offers: purify_model's score="contrast+upstream" against the
+    # offline "contrast x contrast on upstream pooled" (k-means per neuron, so a subset of neurons is exact)
+    pm = purenn.purify_model(model, ["layer4"], sub, n_refs=z["fit_idx"].shape[1], neurons={"layer4": pl},
+                             score="contrast+upstream", seed=d.seed, progress=False)
+    lib = pm.pure_layer("layer4").scores.numpy()
+    offline = np.ones(len(pl))
+    for name in ("circuit", "upstream pooled"):
+        offline *= CircuitKMeans(2, random_state=d.seed).fit(d.feature(name, "fit")[pl]).scores_
+    err = float(np.abs(lib - offline).max())
+    lines.append(f"score contrast+upstream layer4 neurons {pl}: max |library - offline| {err:.2g}")
+    bad |= err > 1e-4
     if bad:
         raise SystemExit("the cache or the offline gates disagree with the library:\n" + "\n".join(lines))
     return lines
