@@ -273,6 +273,8 @@ class Seed:
             return combine((c4, 1), (per_ref(g("up3")), float(name.split()[-1])))
         if name.startswith("block circuit+map "):
             return combine((c41, 1), (g("maps"), float(name.split()[-1])))
+        if name.startswith("block circuit+upstream "):
+            return combine((c41, 1), (per_ref(g("up40")), float(name.split()[-1])))
         if name.startswith("block circuit+hop "):  # the layer3 circuit of the same neuron (two blocks back)
             return combine((c41, 1), (c4, float(name.split()[-1])))
         if name.startswith("block circuit+hop+map "):
@@ -466,6 +468,7 @@ GATE_VARIANTS = {
     "layer4.1": [
         "block circuit plain", "block circuit", "block circuit+map 0.5",
         "block circuit+map 0.25", "block circuit+map 0.75", "block circuit+map 1.0",
+        "block circuit+map 1.5", "block circuit+map 2.0", "block circuit+upstream 0.5", "block circuit+upstream 1.0",
         "block circuit L2",
         "block circuit+hop 0.5", "block circuit+hop 1.0", "block circuit+hop+map 0.5",
         "block 2x2", "block 2x2+map 0.5",
@@ -488,6 +491,8 @@ def gate_label(name: str) -> str:
     w = name.split()[-1]
     if name.startswith("block circuit+map"):
         return f"circuit+map, skip-aware, map weight {w}"
+    if name.startswith("block circuit+upstream"):
+        return f"skip-aware circuit + pooled `layer4.0` activations, weight {w}"
     if name.startswith("block circuit+hop+map"):
         return f"skip-aware circuit + `layer3` circuit + map {w}"
     if name.startswith("block circuit+hop"):
