@@ -446,9 +446,9 @@ BLOCK_SCORES = ("silhouette", "contrast (default)", "contrast, circuit+map 0.5",
 def embed_variants(emb_names) -> dict:
     out = {}
     for e in emb_names:
-        out[f"SemanticLens 1 - cos, {e}"] = lambda d, lv, e=e: embedding_polysemanticity(d.sfeat(f"emb {e}"),
-                                                                                          random_state=d.seed)
-        out[f"contrast, {e}"] = lambda d, lv, e=e: contrast(d, f"emb {e}")
+        out[f"SemanticLens 1 - cos, {e}"] = lambda d, lv, e=e: embedding_polysemanticity(
+            d.sfeat(f"emb {e}"), score="semanticlens", random_state=d.seed)
+        out[f"contrast, {e}"] = lambda d, lv, e=e: embedding_polysemanticity(d.sfeat(f"emb {e}"), random_state=d.seed)
     return out
 
 

@@ -132,7 +132,8 @@ def test_inspect(capsys, purified):
 def test_purify_with_the_upstream_score(capsys, files):
     out = files["root"] / "up.safetensors"
     code, _, _ = run(capsys, "purify", "resnet18", "-c", files["pt"], "--data", files["images"], "--image-size",
-                     "32", "--channels", "layer4:0,1,2", "--n-refs", "6", "--score", "contrast+upstream", "-o", out, "-q")
+                     "32", "--channels", "layer4:0,1,2", "--n-refs", "6", "--score", "contrast+upstream",
+                     "-o", out, "-q")
     assert code == 0
     code, out_text, _ = run(capsys, "inspect", out, "--json")
     (layer,) = json.loads(out_text)["layers"]

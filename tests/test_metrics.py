@@ -89,7 +89,7 @@ def test_embedding_polysemanticity_semanticlens_formula():
     one = rng.normal([1, 1, 0], 0.02, (30, 3))  # one group: centres nearly parallel
     right = np.concatenate([rng.normal([1, 0, 0], 0.02, (15, 3)), rng.normal([0, 1, 0], 0.02, (15, 3))])  # 90 deg
     opposite = np.concatenate([rng.normal([1, 0, 0], 0.02, (15, 3)), rng.normal([-1, 0, 0], 0.02, (15, 3))])
-    s = embedding_polysemanticity(np.stack([one, right, opposite]))
+    s = embedding_polysemanticity(np.stack([one, right, opposite]), score="semanticlens")
     assert s[0] < 0.01
     assert abs(s[1] - 1) < 0.05  # 1 - cos(90 deg)
     assert abs(s[2] - 2) < 0.05  # 1 - cos(180 deg)
@@ -101,14 +101,36 @@ def test_embedding_polysemanticity_semanticlens_formula():
     assert s[1] == pytest.approx(1 - c[0] @ c[1] / np.linalg.norm(c[0]) / np.linalg.norm(c[1]))
     # identical references: 0, no NaN; a one-reference cluster uses the lopsided fallback (finite)
     same = np.ones((1, 10, 3))
-    assert embedding_polysemanticity(same).tolist() == [0.0]
+    assert embedding_polysemanticity(same, score="semanticlens").tolist() == [0.0]
     outlier = np.concatenate([np.ones((9, 3)), [[-5.0, 1, 1]]])[None]
-    v = embedding_polysemanticity(outlier)
+    v = embedding_polysemanticity(outlier, score="semanticlens")
     assert np.isfinite(v).all() and 0 < v[0] < 1
     with pytest.raises(DataError):
         embedding_polysemanticity(np.zeros((4, 3)))
     with pytest.raises(ConfigError):
         embedding_polysemanticity(right[None], n_clusters=1)
+
+
+def test_embedding_polysemanticity_contrast_weighs_the_balance():
+    """The default score is the separation of the k-means centres times the balance of the split:
+    a split cutting off two odd references scores far lower than a half/half one, which SemanticLens'
+    formula does not tell apart; checked by hand against scikit-learn's k-means."""
+    from sklearn.cluster import KMeans
+
+    rng = np.random.default_rng(2)
+    half = np.concatenate([rng.normal([1, 0, 0], 0.02, (15, 3)), rng.normal([0, 1, 0], 0.02, (15, 3))])
+    odd = np.concatenate([rng.normal([1, 0, 0], 0.02, (28, 3)), rng.normal([0, 1, 0], 0.02, (2, 3))])
+    s = embedding_polysemanticity(np.stack([half, odd]))
+    sl = embedding_polysemanticity(np.stack([half, odd]), score="semanticlens")
+    for i, x in enumerate((half, odd)):
+        km = KMeans(2, n_init=10, random_state=0).fit(x)
+        c, counts = km.cluster_centers_, np.bincount(km.labels_, minlength=2)
+        by_hand = 2 * counts.min() / 30 * (1 - c[0] @ c[1] / np.linalg.norm(c[0]) / np.linalg.norm(c[1]))
+        assert s[i] == pytest.approx(by_hand)
+    assert s[0] > 0.9 > 0.2 > s[1] and abs(sl[0] - sl[1]) < 0.1
+    assert embedding_polysemanticity(np.ones((1, 10, 3))).tolist() == [0.0]
+    with pytest.raises(ConfigError, match="score must be"):
+        embedding_polysemanticity(half[None], score="clarity")
 
 
 def test_reference_embeddings_embeds_each_sample_once():
