@@ -474,7 +474,7 @@ GATE_VARIANTS = {
         "block 2x2", "block 2x2+map 0.5",
         "map", "block upstream pooled",
     ],
-    "layer4": ["circuit", "circuit+map 0.5", "map", "upstream pooled"],
+    "layer4": ["circuit", "circuit+map 0.5", "circuit+map 1.0", "map", "upstream pooled"],
 }
 GATE_LABELS = {
     "block circuit plain": "PURE circuit, plain", "block circuit": "circuit, skip-aware (default)",
