@@ -27,6 +27,11 @@ setting and reports the relevance-stage and whole-fit times per rule and their r
 gradient's (the per-neuron reference is the gradient's and is skipped):
 
     python benchmarks/bench_fit.py --rule epsilon,zplus,alpha2beta1,gamma --rounds 3
+
+With ``--score contrast+upstream`` it times the whole ``purify_model`` with that score against
+the contrast score in alternating rounds (the extra forward pass over the references):
+
+    python benchmarks/bench_fit.py --score contrast+upstream --neurons 512 --refs 50 --data 2000 --rounds 3
 """
 
 from __future__ import annotations
@@ -138,12 +143,32 @@ class StageTimer:
             setattr(purify_module, name, fn)
 
 
-def purify(model, data, a, neurons, upstream, rule="gradient"):
+def purify(model, data, a, neurons, upstream, rule="gradient", score="contrast"):
     return purenn.purify_model(
         model, [a.layer], data, n_refs=a.refs, neurons={a.layer: neurons}, upstream={a.layer: upstream},
         skip_aware=False, batch_size=a.batch_size, progress=False, max_memory=a.max_memory_mb * 2**20,
-        cache_memory=a.cache_memory_mb * 2**20, rule=rule,
+        cache_memory=a.cache_memory_mb * 2**20, rule=rule, score=score,
     )
+
+
+def compare_scores(model, data, a, neurons, upstream, scores: list[str]) -> dict:
+    """Median whole-fit time per polysemanticity score over alternating rounds, with ratios to the
+    contrast score's (``contrast+upstream`` adds a forward pass over the references)."""
+    scores = ["contrast", *[s for s in scores if s != "contrast"]]
+    tot: dict[str, list[float]] = {s: [] for s in scores}
+    purify(model, data, a, neurons, upstream)  # warm-up
+    for _ in range(a.rounds):
+        for score in scores:
+            t0 = time.perf_counter()
+            purify(model, data, a, neurons, upstream, score=score)
+            tot[score].append(time.perf_counter() - t0)
+    res = {"model": a.model, "layer": a.layer, "upstream": upstream, "neurons": a.neurons, "refs": a.refs,
+           "size": a.size, "data": a.data, "rounds": a.rounds, "torch_threads": torch.get_num_threads()}
+    base = statistics.median(tot["contrast"])
+    for score in scores:
+        t = statistics.median(tot[score])
+        res[score] = {"total_fit_s": round(t, 3), "total_fit_over_contrast": round(t / base, 3)}
+    return res
 
 
 def compare_rules(model, data, a, neurons, upstream, rules: list[str]) -> dict:
@@ -192,7 +217,9 @@ def main(argv=None) -> dict:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (they rerun the relevance stage)")
     p.add_argument("--rule", default="gradient", help="comma-separated relevance rules to time against the "
                    "gradient rule (see purenn.rules); 'gradient' alone runs the reference comparison")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per rule with --rule")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per rule with --rule or --score")
+    p.add_argument("--score", default="contrast", help="comma-separated polysemanticity scores to time against "
+                   "'contrast' (whole fit, gradient rule); 'contrast' alone runs the reference comparison")
     p.add_argument("--smoke", action="store_true", help="tiny settings for CI")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
@@ -206,10 +233,12 @@ def main(argv=None) -> dict:
     upstream = a.upstream or spec.default_upstream(a.layer)
     neurons = list(range(a.neurons))
     rules = [r for r in a.rule.split(",") if r]
-    if rules != ["gradient"]:
+    scores = [s for s in a.score.split(",") if s]
+    if rules != ["gradient"] or scores != ["contrast"]:
         if a.smoke:
             a.rounds = 1
-        res = compare_rules(model, data, a, neurons, upstream, rules)
+        res = (compare_rules(model, data, a, neurons, upstream, rules) if rules != ["gradient"]
+               else compare_scores(model, data, a, neurons, upstream, scores))
         print(json.dumps(res, indent=2))
         if a.json:
             with open(a.json, "w") as f:
