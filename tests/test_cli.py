@@ -116,12 +116,12 @@ def test_inspect(capsys, purified):
     assert code == 0
     assert "resnet18" in out and "most polysemantic" in out
     assert "layer4  layer3" in out
-    assert "score (layer4): polysemanticity (contrast score), from the clusters" in out
+    assert "score (layer4): polysemanticity (contrast+upstream score): how balanced and how different" in out
     code, out, _ = run(capsys, "inspect", purified, "--json", "--top", "2")
     info = json.loads(out)
     assert info["architecture"]["builder"] == "resnet18" and info["architecture"]["num_classes"] == 3
     (layer,) = info["layers"]
-    assert layer["fitted"] == 3 and layer["virtual"] == 512 + 3 and layer["score_kind"] == "contrast"
+    assert layer["fitted"] == 3 and layer["virtual"] == 512 + 3 and layer["score_kind"] == "contrast+upstream"
     scores = [r["score"] for r in info["top_neurons"]]
     assert len(scores) == 2 and scores == sorted(scores, reverse=True)
     row = info["top_neurons"][0]

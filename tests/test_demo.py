@@ -27,7 +27,8 @@ def test_one_default_score_in_the_api_the_command_and_the_demo():
     api = inspect.signature(purify_model).parameters["score"].default
     kmeans = inspect.signature(CircuitKMeans).parameters["score"].default
     command = cli.build_parser().parse_args(["purify", "resnet18", "--data", "x"]).score
-    assert api == kmeans == command == demo.DEMO_SETTINGS["score"] == "contrast"
+    assert api == command == demo.DEMO_SETTINGS["score"] == "contrast+upstream"
+    assert kmeans == "contrast"  # the estimator sees circuits only
 
 
 @pytest.fixture(scope="module")

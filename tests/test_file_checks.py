@@ -167,7 +167,7 @@ def test_a_skip_aware_flip_that_the_architecture_allows_needs_verify_false(saved
 def test_a_file_without_score_kind_loads_with_none(saved, tmp_path):
     """Files written before the score kind was recorded load; inspect then says the kind is not recorded."""
     config = config_of(saved[1])
-    assert {e["config"]["score_kind"] for e in config["layers"]} == {"contrast"}
+    assert {e["config"]["score_kind"] for e in config["layers"]} == {"contrast+upstream"}
     for e in config["layers"]:
         del e["config"]["score_kind"]
     path = rewrite(saved[1], tmp_path / "older.safetensors", config=config)

@@ -458,6 +458,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             "contrast": ", from the clusters of the references' circuits: how balanced and how different they are, "
                         "0 to 1",
             "silhouette": ", the silhouette of the references' circuits in their clusters, -1 to 1",
+            "contrast+upstream": ": how balanced and how different the clusters of the references' circuits are, "
+                                 "times the same for their pooled upstream activations, 0 to 1",
             CONCEPT_SCORE: " (concept minus other examples); not a polysemanticity score"}.get(kind, ""))
     print("  virtual neurons: CHANNEL.CLUSTER=vINDEX:REFERENCES; INDEX is the position in the layer's pure features, "
           "(off) = suppressed")

@@ -24,7 +24,7 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ._choices import DEFAULT_SCORE, SCORES
+from ._choices import SCORES
 from .errors import ConfigError, NotFittedError
 
 __all__ = ["CircuitKMeans", "SCORES", "contrast_score", "drop_empty_clusters"]
@@ -116,7 +116,7 @@ class CircuitKMeans:
         min_gap: float = 0.05,
         n_init: int = 10,
         random_state: int = 0,
-        score: str = DEFAULT_SCORE,
+        score: str = "contrast",
         progress: bool = False,
     ):
         self.score = score

@@ -49,8 +49,8 @@ What the words mean:
                   model routes the neuron's whole activation to the virtual neuron whose circuit the input's is
                   nearest, and the next layer adds them up again, so the logits stay the same.
   score           {score}: how balanced and how different the two groups of circuits are (0: one group, or
-                  parallel circuits; 1: two equal groups with unrelated circuits). The {n} neurons with the
-                  highest score are purified.
+                  parallel circuits; 1: two equal groups with unrelated circuits), times the same for the
+                  references' pooled layer3 activations. The {n} neurons with the highest score are purified.
 """
 
 

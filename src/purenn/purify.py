@@ -225,6 +225,26 @@ def _check_same_run(model: nn.Module, n: int, args: str) -> None:
         )
 
 
+def _pooled_upstream(spec: ResNetSpec, source: DataSource, p: Any, refs: Any, cache: ActivationCache, world: int,
+                     batch_size: int, device: Any, progress: bool) -> np.ndarray:
+    """``(K, n, C)`` spatially pooled upstream activations at each neuron's references, for the
+    ``"contrast+upstream"`` score: from the activation cache of the reference pass when it holds every
+    reference (one process), else one forward pass over the distinct references."""
+    ref_idx = refs.indices[list(p.neurons)]
+    ids, inv = torch.unique(ref_idx.flatten(), return_inverse=True)
+    if (world == 1 and cache.complete and p.up_position in cache.positions
+            and all(int(i) in cache for i in ids.tolist())):
+        pooled = torch.cat([
+            cache.get(p.up_position, ids[s : s + batch_size].tolist()).clamp(min=0).mean(dim=(-2, -1)).float().cpu()
+            for s in range(0, len(ids), batch_size)
+        ])
+        return pooled[inv.reshape(ref_idx.shape)].numpy()
+    return fit_gate_features(
+        spec, source, "upstream", p.position, p.up_position, list(p.neurons), refs,
+        batch_size=batch_size, device=device, progress=progress,
+    ).float().numpy()
+
+
 def purify_model(
     model: nn.Module,
     layers: Sequence[str] = ("layer4",),
@@ -290,9 +310,9 @@ def purify_model(
             weighted by ``gate_weight``.
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
         score: the polysemanticity score stored per neuron and used by ``neurons=N``:
-            ``"contrast"`` (default), ``"silhouette"`` or ``"contrast+upstream"`` (the contrast of
-            the circuit split times that of the references' pooled upstream activations; one more
-            forward pass over the references), see :class:`~purenn.cluster.CircuitKMeans`.
+            ``"contrast+upstream"`` (default: the contrast of the circuit split times that of the
+            references' pooled upstream activations; one more forward pass over the references),
+            ``"contrast"`` or ``"silhouette"``, see :class:`~purenn.cluster.CircuitKMeans`.
         batch_size: samples per forward pass.
         device: where to compute (default: the model's device). When the model is elsewhere, purenn
             works on a copy moved there, and the purified model holds that copy (the caller's model
@@ -427,11 +447,8 @@ def purify_model(
     pure_layers = []
     for p in plans:
         up = None
-        if score == "contrast+upstream":  # the references' pooled upstream activations: one more forward pass
-            up = fit_gate_features(
-                spec, source, "upstream", p.position, p.up_position, list(p.neurons), refs[p.layer],
-                batch_size=batch_size, device=device, progress=progress,
-            ).numpy()
+        if score == "contrast+upstream":
+            up = _pooled_upstream(spec, source, p, refs[p.layer], cache, world, batch_size, device, progress)
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
         km = fit_by_neuron(km, features[p.layer].numpy(), up)
         del up

@@ -329,9 +329,10 @@ def _score_note(pm: Any) -> str:
     kinds: dict[Any, list[str]] = {}
     for name in pm.layers:
         kinds.setdefault(pm.pure_layer(name).score_kind, []).append(name)
-    if set(kinds) <= {"contrast", "silhouette", None}:
+    if set(kinds) <= {"contrast", "silhouette", "contrast+upstream", None}:
         return ("The <b>score</b> rates how clearly the references' circuits fall into separate groups (higher: more "
-                "polysemantic).")
+                "polysemantic)" + (", times how clearly the upstream layer's pooled activations at the same "
+                                   "references do" if "contrast+upstream" in kinds else "") + ".")
     return "The <b>score</b> is, per layer: " + "; ".join(
         f"{_e(', '.join(layers))}: {_e(score_text(kind))}" for kind, layers in kinds.items()) + "."
 
