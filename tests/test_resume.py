@@ -64,6 +64,14 @@ def counting(monkeypatch) -> list[int]:
     return calls
 
 
+def upstream_batches(out: Path) -> int:
+    """Forward passes of the default score's pooled upstream activations: a run with a checkpoint
+    keeps no activation cache, so it runs the distinct references forward, in batches of 8."""
+    import purenn
+
+    return -(-len(torch.unique(purenn.load_purified(out).pure_layer("layer4").ref_indices)) // 8)
+
+
 def test_killed_during_collection_resumes_to_the_same_file(tmp_path, reference, monkeypatch):
     killed_run(tmp_path / "ck", tmp_path / "out.safetensors", "collect:2")
     state = torch.load(tmp_path / "ck" / "collect.rank0.pt", weights_only=True)
@@ -71,7 +79,8 @@ def test_killed_during_collection_resumes_to_the_same_file(tmp_path, reference, 
     calls = counting(monkeypatch)
     _resume_worker.run(tmp_path / "ck", tmp_path / "out.safetensors")
     chunks = len(list((tmp_path / "ck" / "relevance").glob("chunk*.pt")))
-    assert calls[0] == (6 - 2) + chunks  # the 4 remaining batches, then every relevance chunk
+    # the 4 remaining batches, every relevance chunk, the references' pooled upstream activations
+    assert calls[0] == (6 - 2) + chunks + upstream_batches(tmp_path / "out.safetensors")
     assert same_file(tmp_path / "out.safetensors", reference)
 
 
@@ -83,7 +92,8 @@ def test_killed_during_relevance_resumes_to_the_same_file(tmp_path, reference, m
     calls = counting(monkeypatch)
     _resume_worker.run(tmp_path / "ck", tmp_path / "out.safetensors")
     chunks = len(list((tmp_path / "ck" / "relevance").glob("chunk*.pt")))
-    assert chunks > 2 and calls[0] == chunks - 2  # no reference pass, only the unfinished chunks
+    # no reference pass, only the unfinished chunks (and the pooled upstream activations)
+    assert chunks > 2 and calls[0] == chunks - 2 + upstream_batches(tmp_path / "out.safetensors")
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished chunks were reused
     assert same_file(tmp_path / "out.safetensors", reference)
 
