@@ -211,4 +211,3 @@ def contrast_by_hand(x: np.ndarray, seed: int = 0) -> float:
     a, b = km.cluster_centers_
     cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     return 2 * counts.min() / counts.sum() * (1 - cos)
-

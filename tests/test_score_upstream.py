@@ -50,3 +50,13 @@ def test_the_cached_and_the_recomputed_upstream_give_the_same_scores(planted_mod
     fresh = purenn.purify_model(model, ["layer4"], train, cache_memory=0, **kw).pure_layer("layer4")
     torch.testing.assert_close(cached.scores, fresh.scores, rtol=1e-5, atol=1e-7)
     assert (cached.scores > 0).all()
+
+
+def test_an_upstream_gate_reuses_its_features_for_the_score(planted_model):
+    """With gate="upstream" the gate's features are the pooled upstream activations: the score's
+    factor is the contrast of the same split, so the score is the square of the contrast score."""
+    model, train, _ = planted_model
+    kw = dict(n_refs=10, neurons={"layer4": [1, 7, 40, 300]}, gate="upstream", progress=False)
+    both = purenn.purify_model(model, ["layer4"], train, score="contrast+upstream", **kw).pure_layer("layer4")
+    one = purenn.purify_model(model, ["layer4"], train, score="contrast", **kw).pure_layer("layer4")
+    torch.testing.assert_close(both.scores, one.scores**2, rtol=1e-5, atol=1e-7)

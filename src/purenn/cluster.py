@@ -128,11 +128,14 @@ class CircuitKMeans:
         self.progress = progress
         self._first_index = 0  # index of circuits[0] among all neurons (seeds the null); see purenn.distributed
 
-    def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """k-means with ``c`` clusters on ``(n, D)``: centres, labels, score, silhouette (0 if undefined)."""
+    def _kmeans(self, x: np.ndarray, c: int) -> KMeans:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            km = KMeans(n_clusters=c, n_init=self.n_init, random_state=self.random_state).fit(x)
+            return KMeans(n_clusters=c, n_init=self.n_init, random_state=self.random_state).fit(x)
+
+    def _split(self, x: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """k-means with ``c`` clusters on ``(n, D)``: centres, labels, score, silhouette (0 if undefined)."""
+        km = self._kmeans(x, c)
         n_labels = len(np.unique(km.labels_))
         score = 0.0
         if 2 <= n_labels <= len(x) - 1 and np.ptp(x, axis=0).max() > 0:
@@ -151,7 +154,8 @@ class CircuitKMeans:
         for i in tqdm(range(len(x)), desc="cluster circuits", unit="neuron", disable=not self.progress, leave=False):
             xi = np.asarray(x[i], dtype=np.float64)  # one neuron at a time: no float64 copy of all circuits
             if up is not None:
-                self.upstream_scores_[i] = contrast_score(*self._split(np.asarray(up[i], dtype=np.float64), 2)[:2])
+                km = self._kmeans(np.asarray(up[i], dtype=np.float64), 2)  # the contrast only: no silhouette
+                self.upstream_scores_[i] = contrast_score(km.cluster_centers_, km.labels_)
             tries = [self._split(xi, cc) for cc in candidates]
             if self.score in ("contrast", "contrast+upstream"):
                 tries = [(cen, lab, contrast_score(cen, lab), sil) for cen, lab, _, sil in tries]

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,10 @@ class ActivationCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
+
+    def holds(self, positions: set[int], samples: Sequence[int]) -> bool:
+        """Whether the cache is complete and keeps every one of ``samples`` at all of ``positions``."""
+        return self.complete and set(positions) <= self.positions and all(int(s) in self._store for s in samples)
 
     def get(self, position: int, samples: list[int]) -> Tensor:
         """Stacked activations ``(len(samples), C, H, W)`` at ``position``."""

@@ -87,13 +87,7 @@ def fit_circuits(
     rank, world = world_info()
     owned = shard_range(len(source), source.batch_size, rank=rank, world=world)
     mine = all_ids[(all_ids >= owned[0]) & (all_ids < owned[1])]
-    use_cache = (
-        checkpoint is None
-        and cache is not None
-        and cache.complete
-        and {p.up_position for p in plans} <= cache.positions
-        and all(int(i) in cache for i in mine)
-    )
+    use_cache = checkpoint is None and cache is not None and cache.holds({p.up_position for p in plans}, mine.tolist())
     use_cache = all(all_gather_object(use_cache))  # every rank must take the same branch
     chunks = _chunks(all_ids, batch_size, owned if use_cache else None, rank, world)
     positions = {p.position for p in plans} | {p.up_position for p in plans}

@@ -26,7 +26,14 @@ from .data import DataSource
 from .distributed import all_gather_object, fit_by_neuron, is_distributed, world_info
 from .errors import ConfigError, DataError, LayerError, UnsupportedModelError
 from .fitting import fit_circuits
-from .gating import CIRCUIT_GATES, check_gate, check_gate_weight, combine_features, fit_gate_features
+from .gating import (
+    CIRCUIT_GATES,
+    check_gate,
+    check_gate_weight,
+    combine_features,
+    fit_gate_features,
+    gate_features,
+)
 from .precision import check_precision
 from .refdata import fingerprint_references
 from .relevance import DEFAULT_MAX_MEMORY, check_input, compute_dtype, has_identity_path, resolve_neurons
@@ -232,13 +239,12 @@ def _pooled_upstream(spec: ResNetSpec, source: DataSource, p: Any, refs: Any, ca
     reference (one process), else one forward pass over the distinct references."""
     ref_idx = refs.indices[list(p.neurons)]
     ids, inv = torch.unique(ref_idx.flatten(), return_inverse=True)
-    if (world == 1 and cache.complete and p.up_position in cache.positions
-            and all(int(i) in cache for i in ids.tolist())):
-        pooled = torch.cat([
-            cache.get(p.up_position, ids[s : s + batch_size].tolist()).clamp(min=0).mean(dim=(-2, -1)).float().cpu()
-            for s in range(0, len(ids), batch_size)
-        ])
-        return pooled[inv.reshape(ref_idx.shape)].numpy()
+    if world == 1 and cache.holds({p.up_position}, ids.tolist()):
+        pooled = []
+        for s in range(0, len(ids), batch_size):
+            a_up = cache.get(p.up_position, ids[s : s + batch_size].tolist())
+            pooled.append(gate_features("upstream", a_up, a_up, torch.empty(0, dtype=torch.long)).float().cpu())
+        return torch.cat(pooled)[inv.reshape(ref_idx.shape)].numpy()
     return fit_gate_features(
         spec, source, "upstream", p.position, p.up_position, list(p.neurons), refs,
         batch_size=batch_size, device=device, progress=progress,
@@ -447,8 +453,9 @@ def purify_model(
     pure_layers = []
     for p in plans:
         up = None
-        if score == "contrast+upstream":
-            up = _pooled_upstream(spec, source, p, refs[p.layer], cache, world, batch_size, device, progress)
+        if score == "contrast+upstream":  # an "upstream" gate's features are these already
+            up = (features[p.layer].float().numpy() if gate == "upstream" else
+                  _pooled_upstream(spec, source, p, refs[p.layer], cache, world, batch_size, device, progress))
         km = CircuitKMeans(n_clusters, max_clusters=max_clusters, score=score, random_state=seed, progress=progress)
         km = fit_by_neuron(km, features[p.layer].numpy(), up)
         del up
