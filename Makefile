@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m purenn.demo
+	$(PY) -m purenn.cli.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -36,6 +36,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks export_examples
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV)

@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--size", nargs=2, type=int, default=[97, 131], metavar=("H", "W"))
     parser.add_argument("--neurons", type=int, default=8, help="purified neurons of layer4 (layer3.1 gets 3)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 7])
-    parser.add_argument("--opset", type=int, default=purenn.export.DEFAULT_OPSET)
+    parser.add_argument("--opset", type=int, default=purenn.io.onnx.DEFAULT_OPSET)
     parser.add_argument("--smoke", action="store_true", help="resnet18 at 64x64 only")
     args = parser.parse_args()
     if args.smoke:

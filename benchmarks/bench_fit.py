@@ -21,7 +21,7 @@ the reference collection and clustering that both approaches need.
     python benchmarks/bench_fit.py --neurons 2048 --refs 100 --data 1000 --reference-neurons 16 --no-flops
     python benchmarks/bench_fit.py --smoke                  # seconds; used by CI
 
-With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.rules`) the script instead times
+With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.attribution.rules`) the script instead times
 ``purify_model`` with the gradient rule and each named rule in alternating rounds on the same
 setting and reports the relevance-stage and whole-fit times per rule and their ratios to the
 gradient's (the per-neuron reference is the gradient's and is skipped):
@@ -48,9 +48,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import purenn
-import purenn.purify as purify_module
+import purenn.fit.stages as purify_module
 from purenn.arch import ResNetSpec
-from purenn.relevance import DEFAULT_MAX_MEMORY
+from purenn.attribution.relevance import DEFAULT_MAX_MEMORY
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import calibrated, count_flops  # noqa: E402
@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP counts (they rerun the relevance stage)")
     p.add_argument("--rule", default="gradient", help="comma-separated relevance rules to time against the "
-                   "gradient rule (see purenn.rules); 'gradient' alone runs the reference comparison")
+                   "gradient rule (see purenn.attribution.rules); 'gradient' alone runs the reference comparison")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per rule with --rule or --score")
     p.add_argument("--score", default="contrast", help="comma-separated polysemanticity scores to time against "
                    "'contrast' (whole fit, gradient rule); 'contrast' alone runs the reference comparison")

@@ -17,7 +17,7 @@ agree.
     python benchmarks/bench_infer.py                     # resnet50, 112x112, batch 8, K = 8, 32, 128
     python benchmarks/bench_infer.py --smoke             # seconds; used by CI
 
-With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.rules`) it purifies the same neurons
+With ``--rule epsilon,gamma`` (LRP rules of :mod:`purenn.attribution.rules`) it purifies the same neurons
 with the gradient rule and each named rule and times the base model and every purified model in
 alternating rounds, reporting per rule the gated time and overhead and their ratios to the
 gradient's (no FLOP counts or ONNX timing in this mode):
@@ -135,7 +135,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX Runtime comparison")
     p.add_argument("--rule", default="gradient", help="comma-separated relevance rules to time against the "
-                   "gradient rule (see purenn.rules)")
+                   "gradient rule (see purenn.attribution.rules)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -38,13 +38,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import calibrated, count_flops, log  # noqa: E402
 
 import purenn  # noqa: E402
-import purenn.purify as purify_mod  # noqa: E402
-from purenn.arch import ResNetSpec  # noqa: E402
-from purenn.cluster import CircuitKMeans  # noqa: E402
-from purenn.collect import References  # noqa: E402
-from purenn.data import DataSource  # noqa: E402
-from purenn.distributed import init_from_env, world_info  # noqa: E402
-from purenn.fitting import fit_circuits  # noqa: E402
+import purenn.fit.plan as plan_mod
+import purenn.fit.stages as purify_mod
+from purenn.arch import ResNetSpec
+from purenn.common.distributed import init_from_env, world_info
+from purenn.fit.circuits import fit_circuits
+from purenn.fit.cluster import CircuitKMeans
+from purenn.fit.collect import References
+from purenn.fit.data import DataSource
 
 HERE = Path(__file__).parent
 IMAGENET = {"images": 1_281_167, "neurons": 2048, "refs": 100, "size": 224, "model": "resnet50"}
@@ -152,10 +153,10 @@ def flops_per_unit(args: argparse.Namespace, model_name: str, size: int, batch: 
     collect = count_flops(lambda: spec.run_until(xb, {pos})) / batch
     n_s = 2
     src = DataSource.from_data(make_data(n_s, size), n_s)
-    plan = purify_mod._plan_layers(spec, ["layer4"], None, None, "auto")[0]
+    plan = plan_mod.plan_layers(spec, ["layer4"], None, None, "auto")[0]
 
     def relevance(k: int) -> float:
-        p = purify_mod.LayerPlan(plan.layer, plan.upstream, pos, up, tuple(range(k)), plan.skip_aware)
+        p = plan_mod.LayerPlan(plan.layer, plan.upstream, pos, up, tuple(range(k)), plan.skip_aware)
         idx = torch.arange(n_s).repeat(spec.channels(pos), 1)
         refs = {"layer4": References(indices=idx, values=torch.zeros(idx.shape))}
         return count_flops(lambda: fit_circuits(spec, src, [p], refs, n_s, batch_size=n_s, device=None,

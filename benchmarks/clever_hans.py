@@ -12,9 +12,9 @@ it. On the test split (never used for fitting anything):
 Every method sees the same ``--n-pairs`` training images (not used to train the model) with and
 without the stamp, so at most 2 x 50 = 100 labelled examples, and acts at the same layer:
 
-- ``purenn``: :func:`purenn.concept.purify_concept` splits the ``M`` channels most relevant to the
+- ``purenn``: :func:`purenn.fit.concept.purify_concept` splits the ``M`` channels most relevant to the
   artifact (the stamp's effect on their gradient x activation for the artifact class's logit
-  margin, :func:`purenn.concept.rank_concept_channels` with ``target=``) into a concept and a rest
+  margin, :func:`purenn.fit.concept.rank_concept_channels` with ``target=``) into a concept and a rest
   virtual neuron (centroids of the circuit relevance of stamped and clean examples; three k-means
   centroids for the clean ones, ``--rest-clusters``) and suppresses the concept parts; knob ``M``;
 - ``ablate``: sets the same ``M`` whole channels to zero;
@@ -45,9 +45,9 @@ import torch
 from _common import log
 from sklearn.linear_model import LogisticRegression
 
-from purenn.concept import concept_virtual_indices, purify_concept, rank_concept_channels
-from purenn.datasets import ConceptDataset, cached_classifier, concept_data, small_image_resnet
-from purenn.unlearn import shortcut_metrics
+from purenn.analysis.unlearn import shortcut_metrics
+from purenn.cli.datasets import ConceptDataset, cached_classifier, concept_data, small_image_resnet
+from purenn.fit.concept import concept_virtual_indices, purify_concept, rank_concept_channels
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = ("patch", "line")
@@ -111,7 +111,7 @@ def poisoned(train: ConceptDataset, kind: str, cls: int, fraction: float, seed: 
 
 # ----------------------------------------------------------------------------------------- metrics
 class Evaluator:
-    """purenn.unlearn.shortcut_metrics on the test images and the stamped test images of the other classes."""
+    """purenn.analysis.unlearn.shortcut_metrics on the test images and the stamped test images of the other classes."""
 
     def __init__(self, test: ConceptDataset, kind: str, cls: int, value: float) -> None:
         self.x, self.y, self.cls = test.images, test.fine.numpy(), cls

@@ -1,7 +1,7 @@
 """Planted polysemanticity on Fashion-MNIST: does purification separate what training merged?
 
 A ResNet-18 with a small-image stem is trained (fixed seed, one epoch on 30k images) on five
-superclasses, each the union of two unrelated fine classes (``purenn.datasets.SUPERCLASS_PAIRS``:
+superclasses, each the union of two unrelated fine classes (``purenn.cli.datasets.SUPERCLASS_PAIRS``:
 T-shirt+Ankle boot, Pullover+Sandal, Dress+Bag, Coat+Sneaker, Shirt+Trouser). Late neurons that
 serve a superclass then respond to both of its fine classes: polysemantic in a known way. The
 fine labels are never used for training or purification, only to evaluate on the held-out test
@@ -42,10 +42,11 @@ import torch
 from _common import T0, log
 
 import purenn
-from purenn.cluster import CircuitKMeans
-from purenn.collect import References
-from purenn.data import DataSource
-from purenn.datasets import (
+from purenn.analysis.metrics import disentanglement, held_out_references, label_mix, paired_test, score_auroc
+from purenn.analysis.probe import extract_features, fit_probe
+from purenn.analysis.unlearn import find_concept_neurons, unlearning_report
+from purenn.attribution.rules import RULES, get_rule
+from purenn.cli.datasets import (
     SUPERCLASS_PAIRS,
     ConceptDataset,
     cached_classifier,
@@ -53,12 +54,11 @@ from purenn.datasets import (
     fashion_mnist,
     small_image_resnet,
 )
-from purenn.fitting import fit_circuits
-from purenn.metrics import disentanglement, held_out_references, label_mix, paired_test, score_auroc
-from purenn.probe import extract_features, fit_probe
-from purenn.purify import LayerPlan
-from purenn.rules import RULES, get_rule
-from purenn.unlearn import find_concept_neurons, unlearning_report
+from purenn.fit.circuits import fit_circuits
+from purenn.fit.cluster import CircuitKMeans
+from purenn.fit.collect import References
+from purenn.fit.data import DataSource
+from purenn.fit.plan import LayerPlan
 
 HERE = Path(__file__).resolve().parent
 
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--rule", default="gradient", choices=tuple(RULES),
-                   help="relevance rule of the circuits (purenn.rules; default gradient, PURE's)")
+                   help="relevance rule of the circuits (purenn.attribution.rules; default gradient, PURE's)")
     a = p.parse_args(argv)
     if a.smoke:
         a.n_train, a.n_fit, a.n_test, a.n_refs = 1500, 600, 600, 16

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fashion_planted as fp  # noqa: E402
 
-from purenn.metrics import paired_test  # noqa: E402
+from purenn.analysis.metrics import paired_test
 
 HERE = Path(__file__).resolve().parent
 

@@ -2,10 +2,10 @@
 
 Small ResNets (``blocks=[1, 1, 1, 1]``, stride-2 stem; seeds 0, 1, 2) are trained for one epoch on
 the first 12,000 Fashion-MNIST training images with *superclass* labels, each the union of two
-unrelated fine classes (``purenn.datasets.SUPERCLASS_PAIRS``: T-shirt+Ankle boot, Pullover+Sandal,
+unrelated fine classes (``purenn.cli.datasets.SUPERCLASS_PAIRS``: T-shirt+Ankle boot, Pullover+Sandal,
 Dress+Bag, Coat+Sneaker, Shirt+Trouser). ``layer4`` is purified on training images 12,000-21,999:
 the ``K`` most polysemantic channels by the ``contrast`` score are split in two virtual neurons each.
-Linear probes (:func:`purenn.probe.fit_probe`, standardisation + logistic regression) then read the
+Linear probes (:func:`purenn.analysis.probe.fit_probe`, standardisation + logistic regression) then read the
 ten FINE labels from spatially mean-pooled features of the Fashion-MNIST test split, which nothing
 else touches. A fixed set of ``--probe-test`` test images is the evaluation set of every probe; the
 probes train on images drawn from the rest (``--draws`` random draws).
@@ -44,8 +44,8 @@ import torch
 from _common import T0, log
 
 import purenn
-from purenn.datasets import ConceptDataset, cached_classifier, concept_data, fashion_mnist, small_image_resnet
-from purenn.probe import extract_features, fit_probe
+from purenn.analysis.probe import extract_features, fit_probe
+from purenn.cli.datasets import ConceptDataset, cached_classifier, concept_data, fashion_mnist, small_image_resnet
 
 HERE = Path(__file__).resolve().parent
 SAME_UNITS = ("channels", "virtual neurons", "channels duplicated", "random gate")

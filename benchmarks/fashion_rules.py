@@ -40,12 +40,12 @@ import fashion_planted as fp  # noqa: E402
 import fashion_planted_seeds as fs  # noqa: E402
 
 import purenn  # noqa: E402
-from purenn.cluster import CircuitKMeans  # noqa: E402
-from purenn.data import DataSource  # noqa: E402
-from purenn.fitting import fit_circuits  # noqa: E402
-from purenn.metrics import disentanglement, paired_test, score_auroc  # noqa: E402
-from purenn.purify import LayerPlan  # noqa: E402
-from purenn.rules import get_rule  # noqa: E402
+from purenn.analysis.metrics import disentanglement, paired_test, score_auroc
+from purenn.attribution.rules import get_rule
+from purenn.fit.circuits import fit_circuits
+from purenn.fit.cluster import CircuitKMeans
+from purenn.fit.data import DataSource
+from purenn.fit.plan import LayerPlan
 
 HERE = Path(__file__).resolve().parent
 ALL_RULES = ("gradient", "epsilon", "zplus", "alpha2beta1", "gamma")

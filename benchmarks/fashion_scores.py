@@ -47,10 +47,10 @@ import fashion_planted as fp  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import purenn  # noqa: E402
-from purenn.cluster import CircuitKMeans, contrast_score  # noqa: E402
-from purenn.datasets import cache_dir, cached_classifier, small_image_resnet  # noqa: E402
-from purenn.metrics import embedding_polysemanticity, paired_test, score_auroc  # noqa: E402
-from purenn.relevance import pair_relevance  # noqa: E402
+from purenn.analysis.metrics import embedding_polysemanticity, paired_test, score_auroc
+from purenn.attribution.relevance import pair_relevance
+from purenn.cli.datasets import cache_dir, cached_classifier, small_image_resnet
+from purenn.fit.cluster import CircuitKMeans, contrast_score
 
 HERE = Path(__file__).resolve().parent
 LEVELS = {"layer4": ("layer4", "layer3"), "layer4.1": ("layer4.1", "layer4.0")}
@@ -229,7 +229,7 @@ def drop_self(rel: np.ndarray, neurons: np.ndarray) -> np.ndarray:
 
 
 def combine(*parts: tuple[np.ndarray, float]) -> np.ndarray:
-    """Concatenation of unit-length (L2) parts, each times its weight (``purenn.gating.combine_features``)."""
+    """Concatenation of unit-length (L2) parts, each times its weight (``purenn.model.gates.combine_features``)."""
     return np.concatenate([w * l2(p) for p, w in parts], axis=-1)
 
 

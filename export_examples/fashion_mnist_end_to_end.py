@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 import purenn
-from purenn.datasets import cached_classifier, fashion_mnist, planted_concepts, small_image_resnet
+from purenn.analysis.probe import fit_probe
+from purenn.analysis.unlearn import find_concept_neurons
+from purenn.cli.datasets import cached_classifier, fashion_mnist, planted_concepts, small_image_resnet
 from purenn.errors import DataError
-from purenn.probe import fit_probe
-from purenn.unlearn import find_concept_neurons
 
 FULL = {"train": 12000, "test": 3000, "epochs": 2, "batch_size": 128, "blocks": [1, 1, 1, 1], "stem_stride": 2,
         "n_refs": 100, "neurons": 32, "purify_on": 6000}
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{agree:.1%} of (sample, neuron) pairs")
 
     # 5. linear probes on fine classes, on the pure features ONNX Runtime returned, against the original
-    #    channels (the sum of each channel's virtual neurons); purenn.probe.compare_probes(session, ...)
+    #    channels (the sum of each channel's virtual neurons); purenn.analysis.probe.compare_probes(session, ...)
     #    does the same from a session or a PurifiedModel
     pure = res["pure.layer4"]
     original = np.zeros((len(pure), pl.channels), dtype=pure.dtype)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import purenn
-from purenn.loaders import load_checkpoint_model, load_data, save_checkpoint, torchvision_model
+from purenn.cli.loaders import load_checkpoint_model, load_data, save_checkpoint, torchvision_model
 
 
 def make_fast_inputs(root: Path, arch: str) -> tuple[Path, Path]:

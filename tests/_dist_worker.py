@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torchvision
 
 import purenn
-from purenn.distributed import world_info
+from purenn.common.distributed import world_info
 
 
 def model() -> torch.nn.Module:
@@ -74,8 +74,8 @@ def main(out: Path) -> None:
             (out / f"export.rank{rank}.txt").write_text(f"{report.ok} {report.path}")
     if world > 1:  # fewer samples than n_refs (3 batches of 2 over 2 ranks): every sample, no padding
         from purenn.arch import ResNetSpec
-        from purenn.collect import collect_references
-        from purenn.data import DataSource
+        from purenn.fit.collect import collect_references
+        from purenn.fit.data import DataSource
 
         few = collect_references(ResNetSpec(m), DataSource.from_data(x[:5], 2), {"layer4": 8}, 8)["layer4"]
         (out / f"few.rank{rank}.txt").write_text(f"{tuple(few.indices.shape)} {sorted(few.indices[0].tolist())}")

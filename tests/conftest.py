@@ -170,7 +170,7 @@ def planted_model():
 
     Returns ``(model, train, test)``; fine labels 0..3, superclasses ``{0, 1} -> 0``, ``{2, 3} -> 1``.
     """
-    from purenn.datasets import planted_concepts, small_image_resnet, train_classifier
+    from purenn.cli.datasets import planted_concepts, small_image_resnet, train_classifier
 
     train = planted_concepts(320, classes=PLANTED_CLASSES, size=16, seed=0)
     test = planted_concepts(160, classes=PLANTED_CLASSES, size=16, seed=1)

@@ -17,8 +17,10 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
-from purenn import __version__, cli
-from purenn.datasets import planted_concepts, small_image_resnet
+from purenn import __version__
+from purenn.cli import app as cli
+from purenn.cli import inspect as inspect_command
+from purenn.cli.datasets import planted_concepts, small_image_resnet
 
 from conftest import calibrate_bn
 
@@ -313,7 +315,7 @@ def test_unexpected_and_interrupted(capsys, purified, monkeypatch, exc, code):
     def fail(args):
         raise exc
 
-    monkeypatch.setattr(cli, "_cmd_inspect", fail)
+    monkeypatch.setattr(inspect_command, "run", fail)
     got, _, err = run(capsys, "inspect", purified)
     assert got == code
     if code == 1:
@@ -326,7 +328,7 @@ def test_unexpected_and_interrupted(capsys, purified, monkeypatch, exc, code):
 @pytest.fixture(scope="module")
 def recorded(files) -> Path:
     """The adapted-stem (stride 2) model of ``files["small"]`` saved with its architecture (save_checkpoint)."""
-    from purenn.loaders import load_checkpoint_model, save_checkpoint
+    from purenn.cli.loaders import load_checkpoint_model, save_checkpoint
 
     model = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
     return save_checkpoint(model, files["root"] / "recorded.safetensors")
@@ -338,7 +340,7 @@ def test_checkpoint_records_its_architecture_and_purify_rebuilds_it(capsys, file
                        files["fmnist"], "--channels", "layer4:3,5", "--n-refs", "6", "-o", out, "-q")
     assert code == 0, err
     import purenn
-    from purenn.loaders import load_checkpoint_model, save_checkpoint
+    from purenn.cli.loaders import load_checkpoint_model, save_checkpoint
 
     original = load_checkpoint_model("resnet18", files["small"], blocks=[1, 1, 1, 1], stem_stride=2)
     base = purenn.load_purified(out).base_model
@@ -369,8 +371,8 @@ def test_a_model_at_chance_level_is_warned_about(capsys, files, tmp_path):
 
 @pytest.mark.slow
 def test_a_trained_model_is_not_warned_about(capsys, files, tmp_path):
-    from purenn.datasets import train_classifier
-    from purenn.loaders import load_data, save_checkpoint
+    from purenn.cli.datasets import train_classifier
+    from purenn.cli.loaders import load_data, save_checkpoint
 
     data = load_data(fashion_mnist=str(files["fmnist"]), in_channels=1)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torchvision
 from PIL import Image
 
 import purenn
-from purenn import cli
+from purenn.cli import app as cli
 
 from conftest import calibrate_bn
 
@@ -48,7 +48,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _examples_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from purenn.loaders import load_data
+    from purenn.cli.loaders import load_data
 
     data = load_data(folder=str(root), image_size=32)
     x = torch.stack([data.dataset[i][0] for i in range(len(data.dataset))])
@@ -70,7 +70,7 @@ def test_unlearn_writes_a_suppressed_model_and_reports(files, capsys):
     assert code == 0, err
     # an untrained model on these images: the accuracy is printed, and the warning says to check the checkpoint
     assert "model accuracy on 12 samples of this data (classes)" in err and "near chance level" in err
-    ranked = purenn.concept.rank_concept_channels(
+    ranked = purenn.fit.concept.rank_concept_channels(
         purenn.load_purified(out).base_model, "layer4", *_examples_tensors(files["root"] / "examples"), target=1)
     assert purenn.load_purified(out).pure_layer("layer4").neurons.tolist() == ranked.top(8)
     assert "8 channels split into 3 rest and 1 concept" in stdout and "suppressed (purenn)" in stdout

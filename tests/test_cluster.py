@@ -54,7 +54,7 @@ def test_errors():
 
 
 def test_auto_never_keeps_a_cluster_without_references():
-    from purenn.cluster import drop_empty_clusters
+    from purenn.fit.cluster import drop_empty_clusters
 
     centres, labels = drop_empty_clusters(np.array([[0.0, 0], [1, 1], [2, 2]]), np.array([0, 2, 2, 0]))
     assert centres.tolist() == [[0, 0], [2, 2]] and labels.tolist() == [0, 1, 1, 0]

@@ -1,8 +1,8 @@
 import torch
 
 from purenn.arch import ResNetSpec
-from purenn.collect import TopK, collect_references
-from purenn.data import DataSource
+from purenn.fit.collect import TopK, collect_references
+from purenn.fit.data import DataSource
 
 from conftest import tiny_resnet
 

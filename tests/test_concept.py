@@ -1,16 +1,11 @@
-"""Concept-driven purification (purenn.concept): channel ranking, centroids, gates, suppression."""
+"""Concept-driven purification (purenn.fit.concept): channel ranking, centroids, gates, suppression."""
 
 import pytest
 import torch
 
 import purenn
-from purenn.concept import (
-    concept_gate_features,
-    concept_virtual_indices,
-    purify_concept,
-    rank_concept_channels,
-)
 from purenn.errors import ConfigError, DataError, LayerError
+from purenn.fit.concept import concept_gate_features, concept_virtual_indices, purify_concept, rank_concept_channels
 
 from conftest import _output_of, autograd_relevance, tiny_resnet
 
@@ -95,7 +90,7 @@ def test_two_layers_save_load_roundtrip(case, tmp_path):
 
 
 def test_inspect_names_the_concept_effect(case, tmp_path, capsys):
-    from purenn import cli
+    from purenn.cli import app as cli
 
     model, clean, stamped = case
     pm = purify_concept(model, "layer4", stamped, clean, neurons=3)
@@ -104,7 +99,7 @@ def test_inspect_names_the_concept_effect(case, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "most polysemantic" not in out
     assert "score (layer4): the concept's effect on the neuron's activation mass" in out
-    from purenn.report import _score_note
+    from purenn.analysis.report import _score_note
 
     assert "layer4: the concept&#x27;s effect" in _score_note(pm) and "polysemantic" not in _score_note(pm)
 
@@ -143,7 +138,7 @@ def test_rank_keeps_the_callers_mode(case):
 
 
 def test_shortcut_metrics_by_hand():
-    from purenn.unlearn import shortcut_metrics
+    from purenn.analysis.unlearn import shortcut_metrics
 
     class Fixed(torch.nn.Module):  # predicts the class stored in the image's first pixel
         def __init__(self):
@@ -166,7 +161,7 @@ def test_shortcut_metrics_by_hand():
 
 
 def test_shortcut_report_compares_with_whole_channels(case):
-    from purenn.unlearn import shortcut_report
+    from purenn.analysis.unlearn import shortcut_report
 
     model, clean, stamped = case
     y = model(clean).argmax(1)
@@ -182,7 +177,7 @@ def test_shortcut_report_compares_with_whole_channels(case):
     chans = pm.pure_layer("layer4").neurons.tolist()
     ablated = model.layer4.register_forward_hook(lambda m, i, o: o.index_fill(1, torch.tensor(chans), 0.0))
     try:
-        from purenn.unlearn import shortcut_metrics
+        from purenn.analysis.unlearn import shortcut_metrics
 
         assert rep.whole == pytest.approx(shortcut_metrics(model, clean, y, stamped, y, target))
     finally:
@@ -227,7 +222,7 @@ def test_rest_clusters(case):
 
 
 def test_shortcut_summary_writes_undefined_figures_as_na():
-    from purenn.unlearn import ShortcutReport
+    from purenn.analysis.unlearn import ShortcutReport
 
     m = {"reliance": 0.0, "acc": 0.5, "acc_target": float("nan")}
     rep = ShortcutReport(target=1, before=m, after=dict(m), whole=dict(m))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from purenn.datasets import (
+from purenn.cli.datasets import (
     FASHION_MNIST_CLASSES,
     SUPERCLASS_PAIRS,
     cached_classifier,
@@ -160,7 +160,7 @@ def test_cached_classifier(tmp_path):
 
 @pytest.mark.parametrize("n_images", [8, 20, 36])  # 2, 5 and 9 steps: too few for a one-cycle warm-up
 def test_train_classifier_with_few_steps(n_images):
-    from purenn.datasets import train_classifier
+    from purenn.cli.datasets import train_classifier
 
     ds = planted_concepts(n_images, classes=[0, 1], size=12)
     m = small_image_resnet(blocks=[1, 1, 1, 1], stem_stride=2, num_classes=1)

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from purenn import cli, demo, purify_model
-from purenn.cluster import CircuitKMeans
-from purenn.datasets import planted_concepts
+from purenn import purify_model
+from purenn.cli import app as cli
+from purenn.cli import demo
+from purenn.cli.datasets import planted_concepts
+from purenn.fit.cluster import CircuitKMeans
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

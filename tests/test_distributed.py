@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from purenn.cluster import CircuitKMeans
-from purenn.collect import TopK
-from purenn.distributed import fit_by_neuron, merge_top, rank_zero_write, shard_range, world_info
+from purenn.common.distributed import merge_top, rank_zero_write, shard_range, world_info
+from purenn.fit.cluster import CircuitKMeans, fit_by_neuron
+from purenn.fit.collect import TopK
 
 HERE = Path(__file__).parent
 

@@ -18,8 +18,8 @@ import torch
 
 import purenn
 from purenn import circuit_relevance
-from purenn._files import TEMP_TAG
 from purenn.errors import ConfigError, ExportError
+from purenn.io.files import TEMP_TAG
 from purified_cases import CASE_PARAMS, SIZE, SUPPRESSED, images, purified
 
 from conftest import tiny_resnet
@@ -122,7 +122,7 @@ def test_suppression_is_baked_in(exported):
 def test_report(exported):
     name, model, pm, path, report = exported
     assert report.ok is True and report.path == path and path.is_file()
-    assert report.exporter == "torchscript" and report.opset == purenn.export.DEFAULT_OPSET
+    assert report.exporter == "torchscript" and report.opset == purenn.io.onnx.DEFAULT_OPSET
     assert report.input_shape == SHAPE and report.pool == "mean"
     assert report.file_bytes == path.stat().st_size
     assert [c.name for c in report.checks] == ["random b=1", "zeros b=1"]
@@ -136,7 +136,7 @@ def test_report(exported):
     assert f"(rel {report.checks[0].rel_logits:.1e})" in summary
     assert not list(path.parent.glob(f".*{TEMP_TAG}*"))  # no temporary file left
     graph = onnx.load(str(path), load_external_data=False)
-    assert graph.opset_import[0].version == purenn.export.DEFAULT_OPSET
+    assert graph.opset_import[0].version == purenn.io.onnx.DEFAULT_OPSET
 
 
 # ------------------------------------------------------------------------------------------ small models
@@ -170,7 +170,7 @@ def test_chunked_relevance_is_batch_independent(tiny, tmp_path):
     small, default = tmp_path / "chunked.onnx", tmp_path / "default.onnx"
     assert purenn.export_onnx(pm, small, input_shape=(3, 32, 32), max_memory=1, batch_sizes=(1, 5)).ok
     purenn.export_onnx(pm, default, input_shape=(3, 32, 32), verify=False)
-    assert pm.max_memory == purenn.relevance.DEFAULT_MAX_MEMORY  # restored after export
+    assert pm.max_memory == purenn.attribution.relevance.DEFAULT_MAX_MEMORY  # restored after export
 
     def transposed_convs(path):
         return sum(n.op_type == "ConvTranspose" for n in onnx.load(str(path)).graph.node)
@@ -389,7 +389,7 @@ def test_near_ties_without_gate_output(tiny):
         pl.centroids[2, 1] = pl.centroids[2, 0]
     x = images(4, seed=46, size=(32, 32))
     gates = pm.gates(x)["layer4"].numpy()
-    ties = purenn.export._near_ties(pm, x, "layer4", gates, 1e-3)
+    ties = purenn.io.onnx._near_ties(pm, x, "layer4", gates, 1e-3)
     assert ties.shape == gates.shape and ties[:, 2].all()
 
 
@@ -400,7 +400,7 @@ def test_gate_distances_choose_the_models_gates(gate):
     pm = purenn.purify_model(tiny_resnet(), ["layer4"], images(12, seed=3, size=(32, 32)), n_refs=5,
                              neurons={"layer4": list(range(6))}, gate=gate, progress=False)
     x = images(5, seed=47, size=(32, 32))
-    dist = purenn.export._gate_distances(pm, x, "layer4")
+    dist = purenn.io.onnx._gate_distances(pm, x, "layer4")
     assert dist.shape == (5, 6, pm.pure_layer("layer4").centroids.shape[1])
     assert torch.equal(dist.argmin(dim=-1), pm.gates(x)["layer4"][:, :6].cpu())
 
@@ -412,7 +412,7 @@ def test_bad_outputs(tiny, tmp_path):
         with pytest.raises(ConfigError, match="'logits', 'pure', 'gate'"):
             purenn.export_onnx(pm, path, input_shape=(3, 32, 32), outputs=outputs)
     assert list(tmp_path.iterdir()) == []
-    assert purenn.export.check_outputs(["gate", "logits"]) == ("logits", "gate")
+    assert purenn.io.onnx.check_outputs(["gate", "logits"]) == ("logits", "gate")
 
 
 def test_readme_snippet_runs_without_torch(tiny, tmp_path):

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import purenn
-import purenn.io as pio
+import purenn.io.format as pio
 from purenn.errors import ConfigError, ExportError, FileFormatError
 
 from conftest import tiny_resnet

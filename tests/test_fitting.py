@@ -3,10 +3,10 @@ import torch
 
 import purenn
 from purenn.arch import ResNetSpec
-from purenn.collect import ActivationCache, collect_references
-from purenn.data import DataSource
-from purenn.fitting import fit_circuits
-from purenn.purify import _plan_layers
+from purenn.fit.circuits import fit_circuits
+from purenn.fit.collect import ActivationCache, collect_references
+from purenn.fit.data import DataSource
+from purenn.fit.plan import plan_layers
 
 from conftest import tiny_resnet
 
@@ -15,7 +15,7 @@ def _setup(cache_bytes):
     model = tiny_resnet("bottleneck", dtype=torch.float64)
     data = torch.rand(40, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     spec = ResNetSpec(model)
-    plans = _plan_layers(spec, ["layer4", "layer3"], {"layer4": [0, 5, 9]}, {"layer4": "layer2"}, "auto")
+    plans = plan_layers(spec, ["layer4", "layer3"], {"layer4": [0, 5, 9]}, {"layer4": "layer2"}, "auto")
     src = DataSource.from_data(data, batch_size=7)
     cache = ActivationCache({p.up_position for p in plans}, cache_bytes)
     refs = collect_references(spec, src, {p.layer: p.position for p in plans}, 6, cache=cache,

@@ -4,9 +4,9 @@ import torch
 
 import purenn
 from purenn.arch import ResNetSpec
-from purenn.cluster import CircuitKMeans, contrast_score
 from purenn.errors import ConfigError
-from purenn.gating import GATES, combine_features, gate_features, nearest_centroid
+from purenn.fit.cluster import CircuitKMeans, contrast_score
+from purenn.model.gates import GATES, combine_features, gate_features, nearest_centroid
 
 
 def _acts(model, x, up="layer3", layer="layer4"):

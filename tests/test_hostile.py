@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
 import purenn
-from purenn import _files
-from purenn.cli import main
+from purenn.cli.app import main
 from purenn.errors import (
     ConfigError,
     DataError,
@@ -41,6 +40,7 @@ from purenn.errors import (
     PurennError,
     UnsupportedModelError,
 )
+from purenn.io import files as _files
 
 from conftest import calibrate_bn
 
@@ -650,7 +650,7 @@ def test_unwritable_targets_are_refused_by_name(tiny, guard, tmp_path, case, wri
         elif writer == "export":
             purenn.export_onnx(pm, path, input_shape=(3, SIZE, SIZE), verify=False)
         else:
-            from purenn.viz import save_neuron_figure
+            from purenn.analysis.viz import save_neuron_figure
 
             save_neuron_figure(pm, "layer4", 0, tiny[1], path)
     if isinstance(path, Path):
@@ -705,7 +705,7 @@ _KILLED_SAVE = """
 import sys, time, torch, torchvision
 from torchvision.models.resnet import BasicBlock
 import purenn
-from purenn import _files
+from purenn.io import files as _files
 torch.manual_seed(0)
 model = torchvision.models.ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).eval()
 pm = purenn.purify_model(model, ["layer4"], torch.rand(6, 3, 16, 16), n_refs=3, neurons={"layer4": [0]},
@@ -895,7 +895,7 @@ def test_load_paths_that_are_not_files(tmp_path, path, error):
     with pytest.raises(error):
         purenn.load_purified(path(tmp_path))
     with pytest.raises(error):
-        purenn.io.read_config(path(tmp_path))
+        purenn.io.format.read_config(path(tmp_path))
 
 
 LOAD_ARGS_BAD = [
@@ -918,7 +918,7 @@ def test_load_refuses_bad_arguments(saved, name, kwargs, error):
                          ids=["plain-model", "none", "dict"])
 def test_save_refuses_what_is_not_a_purified_model(tiny, guard, tmp_path, obj):
     with pytest.raises(ConfigError):
-        purenn.io.save_purified(obj(tiny), tmp_path / "pm.safetensors")
+        purenn.io.format.save_purified(obj(tiny), tmp_path / "pm.safetensors")
     assert os.listdir(tmp_path) == []
 
 
@@ -1116,7 +1116,7 @@ def test_cli_refuses_with_exit_code_and_one_line(cli_files, capsys, name, args, 
 
 
 def test_every_cli_command_is_covered():
-    from purenn.cli import build_parser
+    from purenn.cli.app import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     covered = {c[1][0] for c in CLI_BAD if c[1]}

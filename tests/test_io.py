@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import purenn
-import purenn.io as pio
-from purenn import _files
+import purenn.io.format as pio
 from purenn.errors import FileFormatError
+from purenn.io import files as _files
 from purified_cases import CASE_PARAMS, SUPPRESSED, images, purified
 
 from conftest import adapted_stem_resnet, tiny_resnet

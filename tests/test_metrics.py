@@ -3,9 +3,7 @@ import pytest
 import torch
 
 import purenn
-from purenn.collect import References
-from purenn.errors import ConfigError, DataError, LayerError
-from purenn.metrics import (
+from purenn.analysis.metrics import (
     disentanglement,
     embedding_distances,
     embedding_polysemanticity,
@@ -18,6 +16,8 @@ from purenn.metrics import (
     reference_embeddings,
     score_auroc,
 )
+from purenn.errors import ConfigError, DataError, LayerError
+from purenn.fit.collect import References
 
 
 def test_purity_and_agreement_known_values():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from purenn.analysis.probe import compare_probes, extract_features, fit_probe
 from purenn.errors import ConfigError, DataError, LayerError
-from purenn.probe import compare_probes, extract_features, fit_probe
 
 
 class FakeSession:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import purenn
+from purenn.analysis.viz import neuron_circuits
 from purenn.errors import DataError
-from purenn.refdata import MAX_HASHED, check_references, fingerprint_references
-from purenn.viz import neuron_circuits
+from purenn.fit.refcheck import check_references, fingerprint_references
+from purenn.io.refdata import MAX_HASHED
 
 
 def test_purify_model_records_the_reference_data(planted_model, planted_pm):
@@ -39,7 +40,7 @@ def test_the_record_survives_save_and_load(planted_model, planted_pm, tmp_path):
     path = planted_pm.save(tmp_path / "pure.safetensors")
     pm = purenn.load_purified(path)
     assert pm.reference_data == planted_pm.reference_data
-    assert purenn.io.read_config(path)["reference_data"]["sha256"] == planted_pm.reference_data["sha256"]
+    assert purenn.io.format.read_config(path)["reference_data"]["sha256"] == planted_pm.reference_data["sha256"]
     with pytest.raises(DataError):
         check_references(pm, train.images[:-1])
 

@@ -145,7 +145,7 @@ def test_conv_backward_forms_equal_autograd(kernel, stride, padding, size, expor
     from torch import nn
 
     from purenn.arch import ConvBN
-    from purenn.relevance import _conv_back
+    from purenn.attribution.relevance import _conv_back
 
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: exporting)
     torch.manual_seed(0)

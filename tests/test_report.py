@@ -1,4 +1,4 @@
-"""``purenn report`` and :func:`purenn.report.write_report`: the page's structure, its escaping, bad inputs,
+"""``purenn report`` and :func:`purenn.analysis.report.write_report`: the page's structure, its escaping, bad inputs,
 the command's exit codes, and the page in a real browser (headless Chromium)."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import purenn
-from purenn import ConfigError, DataError, LayerError, cli
-from purenn.datasets import planted_concepts, small_image_resnet
-from purenn.report import report_neurons, write_report
+from purenn import ConfigError, DataError, LayerError
+from purenn.analysis.report import report_neurons, write_report
+from purenn.cli import app as cli
+from purenn.cli.datasets import planted_concepts, small_image_resnet
 
 from conftest import calibrate_bn
 
@@ -222,7 +223,7 @@ def test_replaces_an_earlier_report_but_nothing_else(case, tmp_path):
 
 
 def test_a_failure_leaves_the_earlier_report(case, tmp_path, monkeypatch):
-    import purenn.report as report_module
+    import purenn.analysis.report as report_module
 
     pm, data, _ = case
     out = tmp_path / "r"

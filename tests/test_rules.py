@@ -1,4 +1,4 @@
-"""Relevance rules (purenn.rules) against zennit's LRP attribution with its ResNet canonizer."""
+"""Relevance rules (purenn.attribution.rules) against zennit's LRP attribution with its ResNet canonizer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import purenn
+from purenn.attribution.rules import RULES, AlphaBeta, Epsilon, Gamma, get_rule, rule_from_config
 from purenn.errors import ConfigError, FileFormatError
-from purenn.rules import RULES, AlphaBeta, Epsilon, Gamma, get_rule, rule_from_config
 
 from conftest import _output_of, _segment, tiny_resnet
 
@@ -246,7 +246,7 @@ def test_cli_purify_rule(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from purenn import cli
+    from purenn.cli import app as cli
 
     rng = np.random.default_rng(0)
     for c in range(2):
@@ -270,7 +270,7 @@ def test_cli_purify_rule(tmp_path, capsys):
 
 
 def test_purify_concept_centroids_are_mass_weighted_zennit_circuits():
-    from purenn.concept import purify_concept
+    from purenn.fit.concept import purify_concept
 
     model = tiny_resnet(seed=3)
     clean = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -473,7 +473,7 @@ def test_lrp_rules_refuse_other_block_parts_by_name():
     description might carry is refused by name, not computed wrongly (the gradient takes it)."""
     from dataclasses import replace
 
-    from purenn.rules import block_factors
+    from purenn.attribution.rules import block_factors
 
     class OtherGate:
         pass

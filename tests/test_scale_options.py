@@ -8,13 +8,13 @@ from torch.utils.data import TensorDataset
 
 import purenn
 from _resume_worker import data, model
-from purenn import precision as prec
 from purenn.arch import ResNetSpec
-from purenn.collect import collect_references
-from purenn.data import DataSource
-from purenn.fitting import fit_circuits
-from purenn.progress import stage_bar
-from purenn.purify import _plan_layers
+from purenn.attribution import precision as prec
+from purenn.common.progress import stage_bar
+from purenn.fit.circuits import fit_circuits
+from purenn.fit.collect import collect_references
+from purenn.fit.data import DataSource
+from purenn.fit.plan import plan_layers
 
 KW = dict(layers=["layer4"], n_refs=6, batch_size=8, neurons={"layer4": list(range(0, 512, 64))})
 
@@ -39,7 +39,7 @@ def test_bf16_relevance_is_close_to_float32(base):
     circuit), the same references, most gates unchanged, logits untouched."""
     m, x, pm32 = base
     spec, src = ResNetSpec(m), DataSource.from_data(x, 8)
-    plans = _plan_layers(spec, ["layer4"], KW["neurons"], None, "auto")
+    plans = plan_layers(spec, ["layer4"], KW["neurons"], None, "auto")
     refs = collect_references(spec, src, {"layer4": plans[0].position}, 6)
     circuits = {
         p: fit_circuits(spec, src, plans, refs, 6, batch_size=8, device=None, max_memory=1 << 28, progress=False,
@@ -107,7 +107,7 @@ def test_command_options(tmp_path, capsys):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from purenn import cli
+    from purenn.cli import app as cli
 
     rng = np.random.default_rng(0)
     for c, name in enumerate(("a", "b")):

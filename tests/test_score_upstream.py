@@ -39,13 +39,13 @@ def test_the_cached_and_the_recomputed_upstream_give_the_same_scores(planted_mod
     from it; without it (cache_memory=0) from a forward pass: the same scores either way."""
     model, train, _ = planted_model
     kw = dict(n_refs=10, neurons={"layer4": [1, 7, 40, 300]}, score="contrast+upstream", progress=False)
-    import purenn.purify
+    import purenn.fit.stages
 
     def no_forward(*args, **kwargs):
         raise AssertionError("the cache holds every reference: no forward pass expected")
 
     with monkeypatch.context() as m:
-        m.setattr(purenn.purify, "fit_gate_features", no_forward)
+        m.setattr(purenn.fit.stages, "fit_gate_features", no_forward)
         cached = purenn.purify_model(model, ["layer4"], train, **kw).pure_layer("layer4")
     fresh = purenn.purify_model(model, ["layer4"], train, cache_memory=0, **kw).pure_layer("layer4")
     torch.testing.assert_close(cached.scores, fresh.scores, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ def _loaded_heavy(code: str) -> list[str]:
 
 @pytest.mark.parametrize("code", (
     "import purenn.cli",
-    "import purenn.cli; purenn.cli.build_parser()",
+    "import purenn.cli; purenn.cli.app.build_parser()",
     "import purenn; purenn.__version__",
     "from purenn import PurennError, ConfigError, __version__",
 ))
@@ -51,8 +51,8 @@ def test_lazy_public_names():
         assert getattr(purenn, name) is not None, name
     assert set(purenn.__all__) <= set(dir(purenn))
     from purenn import PurifiedModel, export_onnx
-    from purenn.export import export_onnx as direct
-    from purenn.surgery import PurifiedModel as defined
+    from purenn.io.onnx import export_onnx as direct
+    from purenn.model.purified import PurifiedModel as defined
 
     assert PurifiedModel is defined and export_onnx is direct
     namespace: dict = {}
@@ -61,10 +61,10 @@ def test_lazy_public_names():
 
 
 def test_submodules_as_attributes_and_unknown_names():
-    assert purenn.export.DEFAULT_OPSET >= 13  # ``import purenn`` then purenn.<submodule>, as before
-    from purenn._choices import GATES, SCORES
-    from purenn.cluster import SCORES as cluster_scores
-    from purenn.gating import GATES as gating_gates
+    assert purenn.io.onnx.DEFAULT_OPSET >= 13  # ``import purenn`` then purenn.<submodule>, as before
+    from purenn.common.choices import GATES, SCORES
+    from purenn.fit.cluster import SCORES as cluster_scores
+    from purenn.model.gates import GATES as gating_gates
 
     assert GATES is gating_gates and SCORES is cluster_scores
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):

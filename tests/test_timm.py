@@ -15,10 +15,12 @@ from torch import nn
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'purenn[timm]'); CI installs it")
 
 import purenn  # noqa: E402
-from purenn import ResNetSpec, UnsupportedModelError, circuit_relevance, cli  # noqa: E402
+from purenn import ResNetSpec, UnsupportedModelError, circuit_relevance  # noqa: E402
 from purenn.arch.attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite  # noqa: E402
+from purenn.cli import app as cli  # noqa: E402
 from purenn.errors import FileFormatError  # noqa: E402
-from purenn.io import describe_architecture, read_config  # noqa: E402
+from purenn.io.architecture import describe_architecture  # noqa: E402
+from purenn.io.format import read_config  # noqa: E402
 
 from conftest import autograd_relevance, calibrate_bn, randomize_bn_affine  # noqa: E402
 
@@ -86,7 +88,7 @@ def test_timm_is_not_imported_for_a_torchvision_model():
     import subprocess
 
     code = ("import torch, torchvision, sys; from purenn import ResNetSpec, circuit_relevance; "
-            "from purenn.io import describe_architecture; import purenn.cli, purenn.loaders; "
+            "from purenn.io.architecture import describe_architecture; import purenn.cli, purenn.cli.loaders; "
             "m = torchvision.models.resnet18().eval(); ResNetSpec(m); describe_architecture(m); "
             "circuit_relevance(m, torch.rand(1, 3, 32, 32), 'layer4', [0]); print('timm' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -423,7 +425,7 @@ def test_cli_timm_missing(capsys, timm_files, monkeypatch):
 def test_fitting_pairs_equal_the_gate_grid(models64, name):
     """Fitting gathers masks and attention state per (sample, neuron) pair; gating shares them across
     neurons: both give the same relevance."""
-    from purenn.relevance import grid_relevance, pair_relevance
+    from purenn.attribution.relevance import grid_relevance, pair_relevance
 
     model = models64[name]
     spec = ResNetSpec(model)

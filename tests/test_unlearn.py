@@ -2,15 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from purenn.errors import ConfigError, DataError
-from purenn.probe import extract_features
-from purenn.unlearn import (
+from purenn.analysis.probe import extract_features
+from purenn.analysis.unlearn import (
     concept_shares,
     find_concept_neurons,
     group_accuracy,
     suppress_concept,
     unlearning_report,
 )
+from purenn.errors import ConfigError, DataError
 
 
 def test_concept_shares_mass(planted_pm, planted_model):

@@ -1,5 +1,17 @@
 """purenn: split polysemantic ResNet neurons into pure virtual neurons (PURE), as a real model.
 
+Where things are (one sub-package per layer; imports point down this list only):
+
+- :mod:`purenn.cli`: the ``purenn`` command, loaders, the demo and its datasets;
+- :mod:`purenn.analysis`: probes, metrics, unlearning reports, figures, the HTML report;
+- :mod:`purenn.fit`: data sources, the reference pass, circuits at the references, clustering, the
+  plan and stages of :func:`purify_model`, :func:`purify_concept`, resume;
+- :mod:`purenn.io`: the safetensors format, ONNX export, reference-data records, atomic writes;
+- :mod:`purenn.model`: gate signals, :class:`PureLayer`, :class:`PurifiedModel`;
+- :mod:`purenn.attribution`: relevance rules, the segment backward, :func:`circuit_relevance`;
+- :mod:`purenn.arch`: model families and :class:`ResNetSpec`, the exact block-by-block replay;
+- :mod:`purenn.common`, :mod:`purenn.errors`: shared checks and names; the exceptions.
+
 Example:
     >>> import torch, torchvision, purenn
     >>> model = torchvision.models.resnet18(num_classes=4).eval()
@@ -15,8 +27,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .errors import (
+from purenn import _legacy
+from purenn._version import __version__
+from purenn.errors import (
     ConfigError,
     DataError,
     ExportError,
@@ -28,29 +41,33 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .arch import ResNetSpec
-    from .cluster import CircuitKMeans
-    from .export import ExportReport, ParityCheck, export_onnx
-    from .io import load_purified
-    from .purify import purify_model
-    from .relevance import circuit_relevance
-    from .surgery import PureLayer, PurifiedModel, SuppressionHandle, VirtualNeuron
+    from purenn.arch import ResNetSpec
+    from purenn.attribution.relevance import circuit_relevance
+    from purenn.fit.cluster import CircuitKMeans
+    from purenn.fit.concept import concept_virtual_indices, purify_concept
+    from purenn.fit.pipeline import purify_model
+    from purenn.io.format import load_purified
+    from purenn.io.onnx import ExportReport, ParityCheck, export_onnx
+    from purenn.model.pure_layer import PureLayer, VirtualNeuron
+    from purenn.model.purified import PurifiedModel, SuppressionHandle
 
 #: public name -> submodule that defines it; imported on first use (PEP 562), so that ``import purenn``
 #: and the ``purenn`` command start without importing torch, torchvision or scikit-learn
 _LAZY = {
     "ResNetSpec": "arch",
-    "CircuitKMeans": "cluster",
-    "ExportReport": "export",
-    "ParityCheck": "export",
-    "export_onnx": "export",
-    "load_purified": "io",
-    "purify_model": "purify",
-    "circuit_relevance": "relevance",
-    "PureLayer": "surgery",
-    "PurifiedModel": "surgery",
-    "SuppressionHandle": "surgery",
-    "VirtualNeuron": "surgery",
+    "CircuitKMeans": "fit.cluster",
+    "ExportReport": "io.onnx",
+    "ParityCheck": "io.onnx",
+    "export_onnx": "io.onnx",
+    "load_purified": "io.format",
+    "purify_model": "fit.pipeline",
+    "purify_concept": "fit.concept",
+    "concept_virtual_indices": "fit.concept",
+    "circuit_relevance": "attribution.relevance",
+    "PureLayer": "model.pure_layer",
+    "PurifiedModel": "model.purified",
+    "SuppressionHandle": "model.purified",
+    "VirtualNeuron": "model.pure_layer",
 }
 
 
@@ -59,7 +76,9 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
-    if not name.startswith("__"):  # a submodule, e.g. purenn.export after ``import purenn``
+    if name in _legacy.MOVED:  # a module path of purenn < 0.x, kept working with a DeprecationWarning
+        return importlib.import_module(f"{__name__}.{name}")
+    if not name.startswith("__"):  # a submodule, e.g. purenn.io.onnx after ``import purenn``
         try:
             return importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as e:
@@ -75,6 +94,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "__version__",
     "purify_model",
+    "purify_concept",
+    "concept_virtual_indices",
     "circuit_relevance",
     "PurifiedModel",
     "PureLayer",

@@ -4,7 +4,7 @@ Block recognition lives per model family side by side, each turning its blocks i
 description (:class:`Block`): :mod:`purenn.arch.torchvision` (torchvision's ResNet) and
 :mod:`purenn.arch.timm` (timm's ResNet, imported only for a model whose class comes from timm).
 :mod:`purenn.arch.attention` holds the channel attentions (SE, ECA) and the pooled downsample with
-their exact backward steps; :mod:`purenn.arch.core` the description and :class:`ResNetSpec`, the
+their exact backward steps; :mod:`purenn.arch.core` the description, :mod:`purenn.arch.spec` :class:`ResNetSpec`, the
 exact block-by-block replay every other module uses.
 
 Example:
@@ -14,18 +14,8 @@ Example:
     (8, 7, 'layer3')
 """
 
-from .core import (
-    STAGES,
-    STEM_NAMES,
-    Block,
-    BlockRecord,
-    ConvBN,
-    ResNetSpec,
-    batch_norm_eval,
-    family_of,
-    input_conv,
-    run_eval,
-)
+from purenn.arch.core import STAGES, STEM_NAMES, Block, BlockRecord, ConvBN, batch_norm_eval, input_conv, run_eval
+from purenn.arch.spec import ResNetSpec, family_of
 
 __all__ = [
     "ConvBN",

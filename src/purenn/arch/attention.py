@@ -13,7 +13,7 @@ the gradient has two terms, and the backward step keeps both::
 
 (``g = dL/dy``): the direct term through the multiplication, and the term through the pooled path
 (the spatial mean, ``f`` and the sigmoid), which reaches every channel. The forward records ``z``,
-``s`` and the ReLU state of ``f`` per sample; :func:`purenn.relevance.segment_backward` calls
+``s`` and the ReLU state of ``f`` per sample; :func:`purenn.attribution.relevance.segment_backward` calls
 :meth:`backward` with them laid out like its ReLU masks, ``(N, G or 1, ...)``.
 
 :class:`AvgPoolDown` is the average pooling in front of timm's ``avg_down`` downsample convolution

@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
-from .attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite
-from .core import STAGES, Block, ConvBN, check_bn, check_conv, main_path, run_eval
+from purenn.arch.attention import AvgPoolDown, EfficientChannelAttention, SqueezeExcite
+from purenn.arch.core import STAGES, Block, ConvBN, check_bn, check_conv, main_path, run_eval
+from purenn.errors import UnsupportedModelError
 
 __all__ = ["TIMM", "TimmFamily", "is_timm_resnet"]
 

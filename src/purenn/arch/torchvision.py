@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
-from .core import STAGES, Block, ConvBN, batch_norm_eval, check_bn, check_conv, main_path
+from purenn.arch.core import STAGES, Block, ConvBN, batch_norm_eval, check_bn, check_conv, main_path
+from purenn.errors import UnsupportedModelError
 
 __all__ = ["TORCHVISION", "TorchvisionFamily"]
 
