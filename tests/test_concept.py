@@ -1,5 +1,7 @@
 """Concept-driven purification (purenn.fit.concept): channel ranking, centroids, gates, suppression."""
 
+import copy
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_rank_matches_mean_activation_difference(case):
 def test_centroids_are_mass_weighted_circuit_means(case):
     model, clean, stamped = case
     chans = rank_concept_channels(model, "layer4", stamped, clean).top(3)
-    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1, gate="circuit")
     pl = pm.pure_layer("layer4")
     assert pl.neurons.tolist() == chans and pl.n_clusters.tolist() == [2, 2, 2]
     for group, cluster in ((clean, 0), (stamped, 1)):
@@ -49,6 +51,34 @@ def test_centroids_are_mass_weighted_circuit_means(case):
         expect = (r * a[:, :, None]).sum(0) / a.sum(0)[:, None]
         torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)
     assert int(pl.ref_counts.sum()) == 3 * (len(clean) + len(stamped))
+
+
+def test_joint_centroids_are_mass_weighted_means_of_the_joint_circuit(case):
+    """The default gate: every channel's centroids live on one vector per example, the L1-normalised
+    sum of the chosen channels' own circuits, weighted by each channel's activation mass."""
+    model, clean, stamped = case
+    chans = rank_concept_channels(model, "layer4", stamped, clean).top(3)
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1)
+    pl = pm.pure_layer("layer4")
+    assert pl.gate == "joint-circuit" and pl.n_clusters.tolist() == [2, 2, 2]
+    for group, cluster in ((clean, 0), (stamped, 1)):
+        m64 = copy.deepcopy(model).double()
+        x = group.double()
+        raw = _raw_joint(m64, x, chans)
+        joint = raw / raw.abs().sum(-1, keepdim=True)
+        a = _output_of(m64, "layer4", x)[:, chans].clamp(min=0).sum(dim=(2, 3))  # (B, K)
+        expect = (joint[:, None] * a[:, :, None]).sum(0) / a.sum(0)[:, None]
+        torch.testing.assert_close(pl.centroids[:, cluster].double(), expect, rtol=1e-4, atol=1e-6)
+
+
+def _raw_joint(model, x, chans):
+    """Autograd relevance of the joint unit: the gradient of sum_k e_k * clamp(a_k, 0) times a_up, summed."""
+    a_up = _output_of(model, "layer3", x).requires_grad_(True)
+    h = model.layer4(a_up)
+    start = torch.zeros_like(h)
+    start[:, chans] = h[:, chans].detach().clamp(min=0)
+    (g,) = torch.autograd.grad(h, a_up, start)
+    return (g * a_up).sum(dim=(2, 3)).detach()
 
 
 def test_gate_separates_and_suppression_only_touches_concept_inputs(case):

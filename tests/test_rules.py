@@ -277,7 +277,8 @@ def test_purify_concept_centroids_are_mass_weighted_zennit_circuits():
     stamped = clean.clone()
     stamped[..., 1:6, 1:6] = 3.0
     chans = [1, 4]
-    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1, rule="zplus")
+    pm = purify_concept(model, "layer4", stamped, clean, neurons={"layer4": chans}, rest_clusters=1, rule="zplus",
+                        gate="circuit")
     pl = pm.pure_layer("layer4")
     assert pl.rule == get_rule("zplus")
     m64 = copy.deepcopy(model).double()

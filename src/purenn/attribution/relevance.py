@@ -45,6 +45,7 @@ from purenn.common.checks import as_int, check_memory
 from purenn.errors import ConfigError, DataError, LayerError
 
 __all__ = [
+    "joint_relevance",
     "EPS",
     "DEFAULT_MAX_MEMORY",
     "SegmentMasks",
@@ -219,6 +220,31 @@ def _rule_back(
     return out
 
 
+def _rule_back_joint(
+    cb: ConvBN,
+    weights: Sequence[Tensor],
+    factors: Sequence[Tensor | None],
+    g_sel: Tensor,
+    neurons: Tensor,
+    in_hw: tuple[int, int],
+) -> Tensor:
+    """:func:`_rule_back` for a gradient that is zero outside the channels ``neurons``: ``g_sel``
+    ``(N, G, M, H, W)`` holds those channels only, and each step reads only their rows of the weights
+    (the transposed convolution of ``M`` channels instead of all ``C_out``). Needs ``groups == 1``."""
+    out = None
+    for w, f in zip(weights, factors):
+        gf = g_sel if f is None else g_sel * f.index_select(2, neurons)
+        term = _conv_back(cb, gf, in_hw, w.index_select(0, neurons))
+        out = term if out is None else out + term
+    return out
+
+
+def _spread(g_sel: Tensor, neurons: Tensor, channels: int) -> Tensor:
+    """``(N, G, M, H, W)`` maps of the channels ``neurons`` placed into ``(N, G, channels, H, W)`` (zeros
+    elsewhere), as a product with a one-hot matrix (no index writes: it exports to ONNX as one MatMul)."""
+    return torch.einsum("ngmhw,mc->ngchw", g_sel, _onehot(neurons, channels, g_sel.dtype))
+
+
 def _attn_back_onehot(blk: Block, m: SegmentMasks, a_sel: Tensor, neurons: Tensor,
                       in_hw: tuple[int, int]) -> Tensor:
     """Backward of a block's channel attention and its last conv+BN for the one-hot gradient
@@ -240,6 +266,7 @@ def segment_backward(
     neurons: Tensor,
     a_up: Tensor,
     rule: str | Rule = "gradient",
+    joint: bool = False,
 ) -> Tensor:
     """Raw circuit relevance ``R`` of the upstream channels, shape ``(N, G, C_U)``.
 
@@ -251,10 +278,14 @@ def segment_backward(
     Args:
         blocks: the residual blocks from the upstream layer (exclusive) to the target (inclusive).
         masks: one :class:`SegmentMasks` per block, built for ``rule``.
-        a_sel: ``(N, G, H, W)``, the selected neurons' activation maps at the target, clamped at 0.
-        neurons: ``(G,)`` channel index of each of the ``G`` neurons.
+        a_sel: ``(N, G, H, W)``, the selected neurons' activation maps at the target, clamped at 0;
+            with ``joint``, ``(N, 1, M, H, W)``: the maps of the ``M`` channels ``neurons`` of one unit.
+        neurons: ``(G,)`` channel index of each of the ``G`` neurons (with ``joint``: the unit's ``M``
+            channels).
         a_up: ``(N, G or 1, C_U, H_U, W_U)`` upstream activations.
         rule: the relevance rule the masks were built for.
+        joint: one unit made of all of ``neurons`` (``sum_k e_k * a_k``) instead of one unit per neuron;
+            its first step reads only those channels' weights.
     """
     rule = get_rule(rule)
     g = None
@@ -268,7 +299,23 @@ def segment_backward(
         ds_hw = m.in_hw if blk.down_pool is None else m.out_hw
         # LRP rules hold an attention's gate constant ("signal takes all"): its factor is in the masks
         attn = None if rule.is_lrp else blk.attn
-        if bi == last:
+        if bi == last and joint:  # one unit of several channels: only their weights are read
+            if attn is None and blk.main[-1].conv.groups == 1:
+                gm = _rule_back_joint(blk.main[-1], w_last, m.main[-1], a_sel, neurons, top_in_hw)
+            else:  # a channel attention's pooled path (or a grouped conv) mixes every channel: go dense
+                dense = _spread(a_sel, neurons, blk.out_channels)
+                gs = dense if attn is None else attn.backward(dense, m.attn)
+                gm = _rule_back(blk.main[-1], w_last, m.main[-1], gs, top_in_hw)
+            if blk.downsample is None:
+                f = m.skip[0]
+                skip = _spread(a_sel if f is None else a_sel * f.index_select(2, neurons), neurons, blk.out_channels)
+            elif blk.downsample.conv.groups == 1:
+                skip = _rule_back_joint(blk.downsample, rule.conv_weights(blk.downsample), m.skip, a_sel, neurons,
+                                        ds_hw)
+            else:
+                skip = _rule_back(blk.downsample, rule.conv_weights(blk.downsample), m.skip,
+                                  _spread(a_sel, neurons, blk.out_channels), ds_hw)
+        elif bi == last:
             # the relevance (gradient) at the pre-ReLU sum is e_k * a_k (a_k = relu(.) carries its own mask)
             if attn is None:
                 gm = _rule_back(blk.main[-1], w_last, m.main[-1], a_sel, top_in_hw, onehot=neurons)
@@ -296,6 +343,38 @@ def segment_backward(
             gm = _rule_back(cb, rule.conv_weights(cb), m.main[i], gm, m.in_hw if i == 0 else m.act_hw[i - 1])
         g = gm + skip
     return (g * a_up).sum(dim=(-2, -1))
+
+
+def joint_relevance(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    neurons: Tensor,
+    rule: str | Rule = "gradient",
+) -> Tensor:
+    """Raw circuit relevance ``(B, C_U)`` of the *joint unit* of ``neurons``: one backward pass from
+    ``sum_k e_k * clamp(a_k, min=0)`` over the neurons together.
+
+    Every rule's backward step is linear in the relevance it carries (the masks and ratios come from
+    the forward pass), so this equals the sum of the neurons' own circuits (:func:`grid_relevance`
+    summed over its neuron axis) at the cost of one neuron's.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from purenn.arch import ResNetSpec
+        >>> spec = ResNetSpec(torchvision.models.resnet18().eval())
+        >>> acts, recs = spec.run_until(torch.rand(2, 3, 64, 64), {7, 8}, {8})
+        >>> ks = torch.tensor([3, 9])
+        >>> joint = joint_relevance(spec.segment(7, 8), [recs[8]], acts[7], acts[8], ks)
+        >>> each = grid_relevance(spec.segment(7, 8), [recs[8]], acts[7], acts[8], ks)
+        >>> joint.shape, torch.allclose(joint, each.sum(dim=1), rtol=1e-4, atol=1e-5)
+        (torch.Size([2, 512]), True)
+    """
+    rule = get_rule(rule)
+    masks = [m.map(lambda t: t[:, None]) for m in block_masks(blocks, recs, rule, a_up.dtype)]
+    a_sel = a_target.index_select(1, neurons).clamp(min=0)[:, None]  # (B, 1, M, H, W)
+    return segment_backward(blocks, masks, a_sel, neurons, a_up[:, None], rule, joint=True)[:, 0]
 
 
 def normalize_relevance(r: Tensor, neurons: Tensor | None = None, drop_self: bool = False, eps: float = EPS) -> Tensor:

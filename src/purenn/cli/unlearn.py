@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
     """Add the ``unlearn`` sub-command to the ``purenn`` parser."""
     from purenn.cli.loaders import ARCHITECTURES
-    from purenn.common.choices import GATES
+    from purenn.common.choices import DEFAULT_CONCEPT_GATE, GATES
 
     p = sub.add_parser("unlearn", help="remove a concept (e.g. an artifact) using concept examples, and save",
                        epilog=epilog, formatter_class=fmt, description=_DESCRIPTION + "\n\n  "
@@ -143,7 +143,9 @@ def add_parser(sub: Any, epilog: str, fmt: Any) -> None:
                    help="channels per layer to split: those the concept raises most (default 64)")
     p.add_argument("--rest-clusters", type=int, default=3, metavar="R",
                    help="virtual neurons for what a channel does besides the concept (default 3)")
-    p.add_argument("--gate", default="circuit", choices=GATES, help="what selects the virtual neuron (default circuit)")
+    p.add_argument("--gate", default=DEFAULT_CONCEPT_GATE, choices=GATES,
+                   help=f"what selects the virtual neuron (default {DEFAULT_CONCEPT_GATE}: one circuit for the "
+                   "concept's channels together; circuit: PURE's, one per channel)")
     p.add_argument("--gate-weight", type=float, default=0.5, metavar="W",
                    help="weight of the activation map in a circuit+map gate (default 0.5)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N")

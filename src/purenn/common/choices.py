@@ -4,12 +4,14 @@ The command builds its parser from these without importing torch or scikit-learn
 ``purenn --help`` starts fast. :mod:`purenn.model.gates` and :mod:`purenn.fit.cluster` re-export them.
 """
 
-__all__ = ["GATES", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "CONCEPT_SCORE", "MAX_DPI", "RULES", "ARCH_KEY",
-           "score_text",
-           "is_score_kind"]
+__all__ = ["GATES", "DEFAULT_CONCEPT_GATE", "PRECISIONS", "SCORES", "DEFAULT_SCORE", "CONCEPT_SCORE", "MAX_DPI",
+           "RULES", "ARCH_KEY", "score_text", "is_score_kind"]
 
-#: what selects a purified neuron's virtual neuron (see :mod:`purenn.model.gates`); the first two use circuits
-GATES = ("circuit", "circuit+map", "activation", "upstream", "map")
+#: what selects a purified neuron's virtual neuron (see :mod:`purenn.model.gates`); the first three use circuits
+GATES = ("circuit", "circuit+map", "joint-circuit", "activation", "upstream", "map")
+#: the gate of purify_concept and ``purenn unlearn``: one circuit for the concept's channels together, one
+#: backward pass per input however many channels are suppressed (README: "Removing a Clever-Hans shortcut")
+DEFAULT_CONCEPT_GATE = "joint-circuit"
 #: polysemanticity scores of :class:`purenn.fit.cluster.CircuitKMeans`; ``"contrast+upstream"`` also reads the
 #: references' pooled upstream activations (``CircuitKMeans.fit(circuits, upstream)``)
 SCORES = ("silhouette", "contrast", "contrast+upstream")

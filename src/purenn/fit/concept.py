@@ -46,7 +46,7 @@ from purenn.arch import ResNetSpec
 from purenn.attribution.relevance import DEFAULT_MAX_MEMORY
 from purenn.attribution.rules import Rule
 from purenn.common.checks import check_int
-from purenn.common.choices import CONCEPT_SCORE
+from purenn.common.choices import CONCEPT_SCORE, DEFAULT_CONCEPT_GATE
 from purenn.errors import ConfigError, DataError, LayerError
 from purenn.fit.data import DataSource
 from purenn.fit.plan import check_forward, check_shared_options, inference_form, model_device, plan_layers
@@ -206,7 +206,7 @@ def concept_gate_features(
     neurons: Sequence[int],
     *,
     upstream: str | None = None,
-    gate: str = "circuit",
+    gate: str = DEFAULT_CONCEPT_GATE,
     gate_weight: float = 0.5,
     skip_aware: bool = False,
     max_memory: int = DEFAULT_MAX_MEMORY,
@@ -215,7 +215,8 @@ def concept_gate_features(
     """Gate features ``(B, K, D)`` of ``neurons`` on ``x`` and their activation mass ``(B, K)``.
 
     The features are what a :class:`~purenn.PureLayer` with this ``gate`` compares with its
-    centroids (the normalised circuit relevance for ``"circuit"``); the mass is the spatial sum of
+    centroids (the normalised circuit relevance for ``"circuit"``, of the neurons' joint unit for
+    ``"joint-circuit"``); the mass is the spatial sum of
     each neuron's positive activation.
     """
     base = _base(model)
@@ -287,7 +288,7 @@ def purify_concept(
     target: int | None = None,
     rest_clusters: int = 3,
     upstream: Mapping[str, str] | None = None,
-    gate: str = "circuit",
+    gate: str = DEFAULT_CONCEPT_GATE,
     gate_weight: float = 0.5,
     skip_aware: bool | str = "auto",
     batch_size: int = 64,
@@ -321,8 +322,10 @@ def purify_concept(
             closely, so that fewer inputs without the concept land nearest to the concept's
             centroid (see the Clever-Hans benchmark in the README).
         upstream: ``{layer: upstream_layer}`` to override the default upstream.
-        gate: what the gate compares: ``"circuit"`` (PURE's circuit relevance, default),
-            ``"circuit+map"``, or a forward-only gate of :mod:`purenn.model.gates`.
+        gate: what the gate compares: ``"joint-circuit"`` (default: the circuit relevance of the chosen
+            channels taken together, one backward pass per input for all of them, each channel with its
+            own centroids), ``"circuit"`` (PURE's: each channel's own circuit, one backward pass per
+            channel), ``"circuit+map"``, or a forward-only gate of :mod:`purenn.model.gates`.
         gate_weight: weight of the activation map in a ``"circuit+map"`` gate.
         skip_aware: as in :func:`purenn.purify_model`.
         batch_size: images per forward pass.

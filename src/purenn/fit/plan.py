@@ -324,6 +324,9 @@ def make_plan(
         gate=gate, gate_weight=gate_weight, batch_size=batch_size, seed=seed, max_memory=max_memory, rule=rule)
     if score not in SCORES:
         raise ConfigError(f"score must be one of {SCORES}, got {score!r}.")
+    if gate == "joint-circuit":
+        raise ConfigError("gate='joint-circuit' (one circuit for a concept's channels together) is purify_concept's; "
+                          "purify_model splits each neuron by its own circuit: use gate='circuit'.")
     cache_memory = check_int("cache_memory", cache_memory, 0)
     neurons, top = split_neuron_request(spec, layers, neurons)
     plans = [replace(p, rule=rule) for p in plan_layers(spec, layers, neurons, upstream, skip_aware)]

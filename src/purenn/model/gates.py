@@ -3,7 +3,11 @@
 ``"circuit"`` is PURE: the neuron's normalised circuit relevance on the upstream layer (computed
 by :mod:`purenn.attribution.relevance`, one backward pass through the segment per neuron). ``"circuit+map"``
 combines two signals: the circuit and the neuron's own activation map, each scaled to unit length,
-the map weighted by ``gate_weight`` (:func:`combine_features`). The others are baselines computed
+the map weighted by ``gate_weight`` (:func:`combine_features`). ``"joint-circuit"`` is the circuit of
+the layer's purified neurons taken together (:func:`joint_circuit`): one backward pass per input
+for all of them, each neuron comparing it with its own centroids; it is the gate of
+:func:`~purenn.fit.concept.purify_concept`'s concept splits, where every channel asks the same
+question. The others are baselines computed
 from forward activations only, so they cost nothing beyond the forward pass and export to ONNX as
 a few reductions and a nearest-centroid search:
 
@@ -32,17 +36,25 @@ import torch
 from torch import Tensor
 
 from purenn.arch import Block, BlockRecord
-from purenn.attribution.relevance import DEFAULT_MAX_MEMORY, iter_grid_relevance, normalize_relevance
+from purenn.attribution.relevance import (
+    DEFAULT_MAX_MEMORY,
+    EPS,
+    iter_grid_relevance,
+    joint_relevance,
+    normalize_relevance,
+)
 from purenn.attribution.rules import Rule
 from purenn.common.checks import check_number
 from purenn.common.choices import GATES
 from purenn.errors import ConfigError
 
 __all__ = ["GATES", "CIRCUIT_GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim",
-           "nearest_centroid", "combine_features", "gate_feature_chunks"]
+           "nearest_centroid", "combine_features", "gate_feature_chunks", "joint_circuit", "SHARED_GATES"]
 
-CIRCUIT_GATES = GATES[:2]
-ACTIVATION_GATES = GATES[2:]
+CIRCUIT_GATES = GATES[:3]
+ACTIVATION_GATES = GATES[3:]
+#: gates whose features are one vector per input for all of a layer's purified neurons
+SHARED_GATES = ("joint-circuit", "activation", "upstream")
 
 
 def check_gate(gate: object) -> str:
@@ -103,12 +115,43 @@ def gate_feature_chunks(
         feat = gate_features(gate, a_up, a_target, neurons)
         yield 0, len(neurons), feat[:, None].expand(-1, len(neurons), -1) if feat.ndim == 2 else feat
         return
+    if gate == "joint-circuit":  # one vector for the joint unit of all ``neurons``
+        feat = joint_circuit(blocks, recs, a_up, a_target, neurons, rule=rule, skip_aware=skip_aware)
+        yield 0, len(neurons), feat[:, None].expand(-1, len(neurons), -1)
+        return
     extra = gate_features("map", a_up, a_target, neurons) if gate == "circuit+map" else None
     for s, e, raw in iter_grid_relevance(blocks, recs, a_up, a_target, neurons, max_memory, rule):
         feat = normalize_relevance(raw, neurons[s:e], drop_self=skip_aware)
         if extra is not None:
             feat = combine_features(feat, extra[:, s:e], gate_weight)
         yield s, e, feat
+
+
+def joint_circuit(
+    blocks: Sequence[Block],
+    recs: Sequence[BlockRecord],
+    a_up: Tensor,
+    a_target: Tensor,
+    neurons: Tensor,
+    *,
+    rule: str | Rule = "gradient",
+    skip_aware: bool = False,
+    eps: float = EPS,
+) -> Tensor:
+    """The ``"joint-circuit"`` gate's features ``(B, C_U)``: the L1-normalised circuit of the joint
+    unit of ``neurons`` (:func:`~purenn.attribution.relevance.joint_relevance`, one backward pass for
+    all of them), with the neurons' own upstream channels left out when ``skip_aware``.
+
+    Every purified neuron of the layer compares this one vector with its own centroids: a concept's
+    channels all ask the same question (is the concept's circuit there?), so one relevance pass
+    answers it for all of them.
+    """
+    raw = joint_relevance(blocks, recs, a_up, a_target, neurons, rule)
+    if skip_aware:  # an identity skip carries each neuron's own channel straight through
+        channels = torch.arange(raw.shape[-1], device=raw.device)
+        own = (channels[:, None] == neurons[None]).to(raw.dtype).sum(dim=1).clamp(max=1)
+        raw = raw * (1 - own)
+    return raw / (raw.abs().sum(dim=-1, keepdim=True) + eps)
 
 
 def check_gate_weight(weight: object) -> float:
@@ -119,7 +162,8 @@ def check_gate_weight(weight: object) -> float:
 def gate_dim(gate: str, up_channels: int, channels: int) -> int | None:
     """Feature size of a gate (``None`` for ``"map"`` and ``"circuit+map"``, which depend on the
     target map's ``H*W``)."""
-    return {"circuit": up_channels, "upstream": up_channels, "activation": channels}.get(gate)
+    return {"circuit": up_channels, "joint-circuit": up_channels, "upstream": up_channels,
+            "activation": channels}.get(gate)
 
 
 def nearest_centroid(feat: Tensor, centroids: Tensor, n_clusters: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ from purenn.model.gates import (
     check_gate_weight,
     gate_feature_chunks,
     gate_features,
+    joint_circuit,
     nearest_centroid,
 )
 
@@ -283,6 +284,9 @@ class PureLayer(nn.Module):
             neurons, centroids, n_cl = self.neurons[positions], self.centroids[positions], self.n_clusters[positions]
         if self.gate in ACTIVATION_GATES:
             return nearest_centroid(gate_features(self.gate, a_up, a_target, neurons), centroids, n_cl)
+        if self.gate == "joint-circuit":  # the joint unit is every purified neuron, whichever are gated
+            feat = joint_circuit(blocks, recs, a_up, a_target, self.neurons, rule=self.rule, skip_aware=self.skip_aware)
+            return nearest_centroid(feat, centroids, n_cl)
         valid = torch.arange(centroids.shape[1], device=n_cl.device)[None] < n_cl[:, None]
         out = []
         for s, e, feat in gate_feature_chunks(self.gate, blocks, recs, a_up, a_target, neurons, rule=self.rule,
