@@ -12,19 +12,27 @@ it. On the test split (never used for fitting anything):
 Every method sees the same ``--n-pairs`` training images (not used to train the model) with and
 without the stamp, so at most 2 x 50 = 100 labelled examples, and acts at the same layer:
 
-- ``purenn``: :func:`purenn.fit.concept.purify_concept` splits the ``M`` channels most relevant to the
-  artifact (the stamp's effect on their gradient x activation for the artifact class's logit
+- ``purenn:GATE``: :func:`purenn.fit.concept.purify_concept` splits the ``M`` channels most relevant to
+  the artifact (the stamp's effect on their gradient x activation for the artifact class's logit
   margin, :func:`purenn.fit.concept.rank_concept_channels` with ``target=``) into a concept and a rest
-  virtual neuron (centroids of the circuit relevance of stamped and clean examples; three k-means
+  virtual neuron (centroids of the gate's features on stamped and clean examples; three k-means
   centroids for the clean ones, ``--rest-clusters``) and suppresses the concept parts; knob ``M``;
+  one method per gate of ``--gates``: ``joint-circuit`` (the default of purify_concept: one circuit
+  for the M channels together), ``circuit`` (PURE's, one per channel), ``map`` (forward only);
 - ``ablate``: sets the same ``M`` whole channels to zero;
 - ``ablate_act``: sets the ``M`` channels the stamp raises most (activation difference) to zero;
 - ``pclarc``: P-ClArC (Anders et al. 2022): a linear CAV (scikit-learn logistic regression on the
   layer's flattened activations, stamped vs clean) and the projection
-  ``h - alpha * (v.(h - mean_clean)) v`` of every activation; knob ``alpha`` (1 is P-ClArC).
+  ``h - alpha * (v.(h - mean_clean)) v`` of every activation; knob ``alpha`` (1 is P-ClArC);
+- ``rrclarc``: RR-ClArC (Dreyer et al., AAAI 2024): a copy of the model fine-tuned (``--rr-epochs`` on
+  ``--rr-images`` of the poisoned training images, Adam, BatchNorm statistics fixed) with cross-entropy
+  plus ``lambda`` times the squared gradient of the artifact class's logit along the same CAV;
+  knob ``lambda``; its fine-tuning time is in the rows (``fit_s``).
 
     python benchmarks/clever_hans.py                   # 3 seeds x 2 artifacts
-    python benchmarks/clever_hans.py --smoke           # tiny data, one model, < 1 min (CI)
+    python benchmarks/clever_hans.py --smoke           # tiny data, one model, < 2 min (CI)
+    python benchmarks/clever_hans.py --only rrclarc --out runs/rr   # one baseline, to add to saved runs:
+    python benchmarks/clever_hans.py --from-runs runs/a/runs.json runs/rr/runs.json   # later rows replace earlier
 
 Results (JSON with every point, a Markdown summary, the trade-off figure) go to ``--out``
 (default ``benchmarks/results/clever_hans[_smoke]``); trained weights are cached in
@@ -67,10 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-pairs", type=int, default=50, help="images shown with and without the artifact")
     p.add_argument("--n-test", type=int, default=1000)
     p.add_argument("--layer", default="layer4")
-    p.add_argument("--gate", default="circuit")
+    p.add_argument("--only", default=None, metavar="METHODS",
+                   help="run only these methods (comma-separated among purenn, ablate, pclarc, rrclarc), e.g. to add "
+                   "a baseline to saved runs and combine them with --from-runs")
+    p.add_argument("--gates", default="joint-circuit,circuit,map",
+                   help="purify_concept gates to compare (comma-separated); each is a method purenn:GATE")
     p.add_argument("--rest-clusters", type=int, default=3, help="purify_concept's centroids for the clean examples")
     p.add_argument("--channels", default="8,32,64,128", help="knob M of purenn and ablate")
     p.add_argument("--alphas", default="0.25,0.5,0.75,1,1.5,2", help="knob alpha of P-ClArC")
+    p.add_argument("--lambdas", default="10,100,1000,10000", help="knob lambda of RR-ClArC (empty: leave it out)")
+    p.add_argument("--rr-images", type=int, default=3000, help="RR-ClArC: training images it fine-tunes on")
+    p.add_argument("--rr-epochs", type=int, default=2, help="RR-ClArC: fine-tuning epochs")
     p.add_argument("--target", type=float, default=0.9, help="reliance removed at which costs are compared")
     p.add_argument("--stop", type=float, default=0.98, help="stop raising M once every channel method removes this")
     p.add_argument("--no-figure", action="store_true")
@@ -78,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.smoke:
         a.seeds, a.artifacts, a.n_train, a.n_test, a.n_pairs = "0", "patch", 1500, 600, 20
+        a.lambdas, a.rr_images, a.rr_epochs = "10", 256, 1
         a.channels, a.alphas = "8,32", "1"
     return a
 
@@ -146,20 +162,62 @@ def layer_acts(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Ten
     return store[0]
 
 
-def pclarc(model, layer, concept, other, alpha: float, seed: int) -> Hooked:
-    """P-ClArC: project the artifact's CAV out of the layer's activations (towards the clean mean)."""
+def cav(model, layer, concept, other, seed: int) -> torch.Tensor:
+    """The artifact's CAV at ``layer``: unit normal of a logistic regression on the flattened activations."""
     a_c, a_o = layer_acts(model, layer, concept).flatten(1), layer_acts(model, layer, other).flatten(1)
     x = torch.cat([a_c, a_o]).double().numpy()
     y = np.r_[np.ones(len(a_c)), np.zeros(len(a_o))]
     clf = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit(x, y)
-    v = torch.from_numpy(clf.coef_[0] / np.linalg.norm(clf.coef_[0])).float()
-    z = a_o.mean(dim=0)
+    return torch.from_numpy(clf.coef_[0] / np.linalg.norm(clf.coef_[0])).float()
+
+
+def pclarc(model, layer, concept, other, alpha: float, seed: int) -> Hooked:
+    """P-ClArC: project the artifact's CAV out of the layer's activations (towards the clean mean)."""
+    v = cav(model, layer, concept, other, seed)
+    z = layer_acts(model, layer, other).flatten(1).mean(dim=0)
 
     def hook(o: torch.Tensor) -> torch.Tensor:
         h = o.flatten(1)
         return (h - alpha * ((h - z) @ v)[:, None] * v[None]).reshape(o.shape)
 
     return Hooked(model, layer, hook)
+
+
+def rrclarc(model, layer, v: torch.Tensor, data: ConceptDataset, lam: float, seed: int, *, target: int, n: int,
+            epochs: int, lr: float = 1e-4, batch_size: int = 64) -> torch.nn.Module:
+    """RR-ClArC (Dreyer et al., AAAI 2024): fine-tune a copy of ``model`` on ``n`` training images with
+    cross-entropy plus ``lam`` times the right-reason penalty ``(v . d z_t / d h)^2``: the gradient of
+    the logit of ``target`` (the class the artifact points to) with respect to the layer's activations
+    ``h``, along the CAV ``v``, on every image, so that moving along the artifact's direction no longer
+    moves that logit."""
+    import copy
+
+    tuned = copy.deepcopy(model).train()
+    for m in tuned.modules():  # keep BatchNorm's statistics: fine-tuning on a small set must not move them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.images), generator=g)[:n]
+    x_all, y_all = data.images[idx], data.fine[idx]
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    store: dict[str, torch.Tensor] = {}
+    handle = tuned.get_submodule(layer).register_forward_hook(lambda m, i, o: store.__setitem__("h", o))
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=g)
+            for s in range(0, n, batch_size):
+                b = order[s : s + batch_size]
+                x, y = x_all[b], y_all[b]
+                out = tuned(x)
+                grad = torch.autograd.grad(out[:, target].sum(), store["h"], create_graph=True)[0]
+                penalty = ((grad.flatten(1) @ v) ** 2).mean()
+                loss = torch.nn.functional.cross_entropy(out, y) + lam * penalty
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        handle.remove()
+    return tuned.eval()
 
 
 def ablate(model, layer, channels: list[int]) -> Hooked:
@@ -197,33 +255,48 @@ def run_model(a: argparse.Namespace, kind: str, seed: int, train: ConceptDataset
     base = ev(model)
     log(f"  original: reliance {base['reliance']:.3f}, clean acc {base['acc']:.3f}, class acc {base['acc_cls']:.3f}")
     rows = [{"method": "original", "knob": 0, **base}]
+    want = set(a.only.split(",")) if a.only else {"purenn", "ablate", "pclarc", "rrclarc"}
     by_act = rank_concept_channels(model, a.layer, concept, other)
     by_rel = rank_concept_channels(model, a.layer, concept, other, target=a.artifact_class)
-    for m in ints(a.channels):
+    for m in ints(a.channels) if want & {"purenn", "ablate"} else []:
         chans = by_rel.top(m)
-        t = time.time()
-        pm = purify_concept(model, a.layer, concept, other, neurons={a.layer: chans}, gate=a.gate,
-                            rest_clusters=a.rest_clusters, seed=seed)
-        fit_s = time.time() - t
-        with pm.suppress(a.layer, concept_virtual_indices(pm, a.layer)):
-            r = ev(pm)
-            sub = torch.arange(0, len(ev.x), max(1, len(ev.x) // 500))
-            last = pm.pure_layer(a.layer).n_clusters - 1  # the concept part of each neuron
-            g_clean = (pm.gates(ev.x[sub])[a.layer] == last).float().mean().item()
-            g_st = (pm.gates(ev.stamped[sub[sub < len(ev.stamped)]])[a.layer] == last).float().mean().item()
-        rows.append({"method": "purenn", "knob": len(chans), **r, "fit_s": fit_s, "gate_concept_clean": g_clean,
-                     "gate_concept_stamped": g_st})
-        rows.append({"method": "ablate", "knob": len(chans), **ev(ablate(model, a.layer, chans))})
-        rows.append({"method": "ablate_act", "knob": m, **ev(ablate(model, a.layer, by_act.top(m)))})
-        p_, b_, c_ = rows[-3], rows[-2], rows[-1]
-        log(f"  M={len(chans):3d}: purenn {p_['reliance']:.3f}/{p_['acc']:.3f} (concept gate on clean {g_clean:.2f}, "
-            f"stamped {g_st:.2f}; fit {fit_s:.1f} s); ablate same {b_['reliance']:.3f}/{b_['acc']:.3f}; "
-            f"ablate by activation {c_['reliance']:.3f}/{c_['acc']:.3f}")
-        if max(p_["reliance"], b_["reliance"], c_["reliance"]) <= (1 - a.stop) * base["reliance"]:
+        ours = []
+        for gate in a.gates.split(",") if "purenn" in want and a.gates else []:
+            t = time.time()
+            pm = purify_concept(model, a.layer, concept, other, neurons={a.layer: chans}, gate=gate,
+                                rest_clusters=a.rest_clusters, seed=seed)
+            fit_s = time.time() - t
+            with pm.suppress(a.layer, concept_virtual_indices(pm, a.layer)):
+                r = ev(pm)
+                sub = torch.arange(0, len(ev.x), max(1, len(ev.x) // 500))
+                last = pm.pure_layer(a.layer).n_clusters - 1  # the concept part of each neuron
+                g_clean = (pm.gates(ev.x[sub])[a.layer] == last).float().mean().item()
+                g_st = (pm.gates(ev.stamped[sub[sub < len(ev.stamped)]])[a.layer] == last).float().mean().item()
+            rows.append({"method": f"purenn:{gate}", "knob": len(chans), **r, "fit_s": fit_s,
+                         "gate_concept_clean": g_clean, "gate_concept_stamped": g_st})
+            ours.append(rows[-1])
+            log(f"  M={len(chans):3d}: purenn:{gate} {r['reliance']:.3f}/{r['acc']:.3f} (concept gate on clean "
+                f"{g_clean:.2f}, stamped {g_st:.2f}; fit {fit_s:.1f} s)")
+        if "ablate" in want:
+            rows.append({"method": "ablate", "knob": len(chans), **ev(ablate(model, a.layer, chans))})
+            rows.append({"method": "ablate_act", "knob": m, **ev(ablate(model, a.layer, by_act.top(m)))})
+            ours += rows[-2:]
+            log(f"  M={len(chans):3d}: ablate same {rows[-2]['reliance']:.3f}/{rows[-2]['acc']:.3f}; "
+                f"ablate by activation {rows[-1]['reliance']:.3f}/{rows[-1]['acc']:.3f}")
+        if ours and max(o["reliance"] for o in ours) <= (1 - a.stop) * base["reliance"]:
             break  # every channel method is past --stop: larger M only costs more
-    for alpha in [float(t) for t in a.alphas.split(",")]:
+    for alpha in [float(t) for t in a.alphas.split(",")] if "pclarc" in want and a.alphas else []:
         rows.append({"method": "pclarc", "knob": alpha, **ev(pclarc(model, a.layer, concept, other, alpha, seed))})
         log(f"  alpha={alpha}: pclarc {rows[-1]['reliance']:.3f}/{rows[-1]['acc']:.3f}")
+    if "rrclarc" in want and a.lambdas:
+        v = cav(model, a.layer, concept, other, seed)
+        for lam in [float(t) for t in a.lambdas.split(",")]:
+            t = time.time()
+            tuned = rrclarc(model, a.layer, v, data, lam, seed, target=a.artifact_class,
+                            n=min(a.rr_images, len(data.images)), epochs=a.rr_epochs)
+            rows.append({"method": "rrclarc", "knob": lam, **ev(tuned), "fit_s": time.time() - t})
+            log(f"  lambda={lam:g}: rrclarc {rows[-1]['reliance']:.3f}/{rows[-1]['acc']:.3f} "
+                f"(fine-tuned {rows[-1]['fit_s']:.0f} s)")
     for r in rows:
         r["removed"] = 1 - r["reliance"] / base["reliance"] if base["reliance"] > 0 else float("nan")
         r["cost"] = base["acc"] - r["acc"]
@@ -245,12 +318,36 @@ def cost_at(rows: list[dict], method: str, target: float, key: str) -> float:
     return float("nan")
 
 
+def merge_runs(runs: list[dict]) -> list[dict]:
+    """One run per (artifact, seed): the rows of later runs of the same model replace those of earlier
+    ones method by method (a baseline run with ``--only`` completes or updates a saved run). Runs saved
+    before the gates were compared name their one purenn method ``purenn``: the circuit gate."""
+    merged: dict[tuple, dict] = {}
+    for run in runs:
+        for r in run["rows"]:
+            r["method"] = "purenn:circuit" if r["method"] == "purenn" else r["method"]
+        key = (run["artifact"], run["seed"])
+        if key not in merged:
+            merged[key] = {**run, "rows": list(run["rows"])}
+            continue
+        new = {r["method"] for r in run["rows"] if r["method"] != "original"}
+        merged[key]["rows"] = [r for r in merged[key]["rows"] if r["method"] not in new] + \
+            [r for r in run["rows"] if r["method"] != "original"]
+    return list(merged.values())
+
+
+def methods_of(runs: list[dict]) -> list[str]:
+    """The methods in ``runs``: purenn's gates first (in order of appearance), then the baselines."""
+    seen = list(dict.fromkeys(r["method"] for run in runs for r in run["rows"] if r["method"] != "original"))
+    return [m for m in seen if m.startswith("purenn")] + [m for m in seen if not m.startswith("purenn")]
+
+
 def summarise(runs: list[dict], target: float) -> str:
-    lines = ["| artifact | seed | original reliance | clean acc | class acc | purenn: cost / class cost at "
-             f"{target:.0%} removed | ablate (same channels) | ablate (top by activation) | P-ClArC | "
-             "P-ClArC (alpha = 1): removed / cost / class cost |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    agg: dict[str, list[tuple[float, float]]] = {"purenn": [], "ablate": [], "ablate_act": [], "pclarc": []}
+    methods = methods_of(runs)
+    lines = ["| artifact | seed | original reliance | clean acc | class acc | "
+             + " | ".join(methods) + " | P-ClArC (alpha = 1): removed / cost / class cost |",
+             "|---|---|---|---|---|" + "---|" * len(methods) + "---|"]
+    agg: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for run in runs:
         rows = run["rows"]
         o = rows[0]
@@ -271,8 +368,8 @@ def summarise(runs: list[dict], target: float) -> str:
                     if reached else "not reached")
     lines.append("| mean | | | | | " + " | ".join(mean) + " | |")
     lines.append("")
-    lines.append("Costs in accuracy points (clean test images, all classes / artifact class), interpolated along each "
-                 "method's knob at the given share of artifact reliance removed; (n/m): models where reached.")
+    lines.append(f"Costs in accuracy points (clean test images, all classes / artifact class), interpolated along each "
+                 f"method's knob at {target:.0%} of the artifact reliance removed; (n/m): models where reached.")
     return "\n".join(lines)
 
 
@@ -283,7 +380,10 @@ def figure(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True, sharey="row")
-    colors = {"purenn": "C0", "ablate": "C1", "ablate_act": "C3", "pclarc": "C2"}
+    methods = methods_of(runs)
+    palette = iter(["C0", "C4", "C5", "C6", "C7"])
+    fixed = {"ablate": "C1", "ablate_act": "C3", "pclarc": "C2", "rrclarc": "C8"}
+    colors = {m: next(palette) if m.startswith("purenn") else fixed[m] for m in methods}
     for col, kind in enumerate(ARTIFACTS):
         for row, (key, what) in enumerate((("cost", "clean accuracy cost (points)"),
                                            ("cost_cls", "artifact class: clean accuracy cost (points)"))):
@@ -318,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.from_runs:
         try:
             saved = [json.loads(Path(f).read_text()) for f in a.from_runs]
-            runs = [r for d in saved for r in d["runs"]]
+            runs = merge_runs([r for d in saved for r in d["runs"]])
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"cannot read --from-runs: {e}", file=sys.stderr)
             return 2
