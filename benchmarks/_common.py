@@ -42,3 +42,29 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def ort_session(path):
+    """An ONNX Runtime CPU session with as many intra-op threads as torch uses and no spin-waiting."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def alternate(fns: dict, repeat: int) -> dict[str, list[float]]:
+    """Times of each function over ``repeat`` rounds; every round runs all of them, in an order that
+    rotates from round to round, after one warm-up call each."""
+    names = list(fns)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times

@@ -40,34 +40,13 @@ from purenn.cli.datasets import small_image_resnet
 from purenn.fit.concept import concept_virtual_indices, purify_concept
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import count_flops, log  # noqa: E402
+from _common import alternate, count_flops, log, ort_session  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def alternate(fns: dict[str, object], repeat: int) -> dict[str, float]:
-    """Median seconds of each function over ``repeat`` rounds; every round runs all of them, in an order
-    that rotates from round to round, after one warm-up call each."""
-    names = list(fns)
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeat):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def model_for(blocks: list[int], seed: int = 0) -> torch.nn.Module:
@@ -125,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
             for m in [int(c) for c in a.channels.split(",")]:
                 fns: dict[str, dict[int, object]] = {b: {} for b in batches}
                 onnx_fns: dict[int, dict[str, object]] = {b: {} for b in batches}
-                base_sess = None if a.no_onnx else session(base_path)
+                base_sess = None if a.no_onnx else ort_session(base_path)
                 for b in batches:
                     fns[b]["base"] = lambda x=xs[b], f=model: f(x)
                     if base_sess is not None:
@@ -153,13 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                      inputs=clean[:8])
                         if not rep.ok:
                             raise SystemExit(f"the {gate} export at M={m} failed its check: {rep}")
-                        sess = session(path)
+                        sess = ort_session(path)
                         for b in batches:
                             onnx_fns[b][gate] = lambda s=sess, x=nxs[b]: s.run(None, {"input": x})
                 with torch.no_grad():
                     for b in batches:
-                        med = alternate(fns[b], a.repeat)
-                        ort_med = alternate(onnx_fns[b], a.repeat) if onnx_fns[b] else {}
+                        med = {n: statistics.median(t) for n, t in alternate(fns[b], a.repeat).items()}
+                        ort_med = ({n: statistics.median(t) for n, t in alternate(onnx_fns[b], a.repeat).items()}
+                                   if onnx_fns[b] else {})
                         for gate, _ in variants:
                             row = {"blocks": layout, "M": m, "gate": gate, "batch": b, "flops_x": flops[gate],
                                    "eager_ms": 1e3 * med[gate], "eager_base_ms": 1e3 * med["base"],

@@ -43,34 +43,13 @@ import purenn
 from purenn.arch import ResNetSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import calibrated, count_flops  # noqa: E402
+from _common import alternate, calibrated, count_flops, ort_session  # noqa: E402
 
 VARIANTS = ("base", "unlearned", "full", "restored")
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def alternate(fns: dict[str, object], repeat: int) -> dict[str, list[float]]:
-    """Times of each function over ``repeat`` rounds; every round runs all of them, in an order that
-    rotates from round to round, after one warm-up call each."""
-    names = list(fns)
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeat):
-        for n in names[r % len(names):] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
 
 
 def ops(path: Path) -> Counter:
@@ -141,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                  "full": len(pl.gated_neurons(subset_only=False))}
         counts = {v: ops(paths[v]) for v in VARIANTS}
         sizes = {v: paths[v].stat().st_size for v in VARIANTS}
-        sessions = {v: session(paths[v]) for v in VARIANTS}
+        sessions = {v: ort_session(paths[v]) for v in VARIANTS}
     feed = {"input": x.numpy()}
     outs = {v: sessions[v].run(None, feed)[0] for v in VARIANTS}
     with torch.no_grad():
