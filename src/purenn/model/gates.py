@@ -49,12 +49,10 @@ from purenn.common.choices import GATES
 from purenn.errors import ConfigError
 
 __all__ = ["GATES", "CIRCUIT_GATES", "ACTIVATION_GATES", "check_gate", "gate_features", "gate_dim",
-           "nearest_centroid", "combine_features", "gate_feature_chunks", "joint_circuit", "SHARED_GATES"]
+           "nearest_centroid", "combine_features", "gate_feature_chunks", "joint_circuit"]
 
 CIRCUIT_GATES = GATES[:3]
 ACTIVATION_GATES = GATES[3:]
-#: gates whose features are one vector per input for all of a layer's purified neurons
-SHARED_GATES = ("joint-circuit", "activation", "upstream")
 
 
 def check_gate(gate: object) -> str:
